@@ -1,0 +1,165 @@
+"""The `zhchat` command: one subcommand per stage, and `run` for all of them in order.
+
+Every subcommand takes `--config FILE.yaml` and its main inputs as flags; flags override
+the file and both are validated by one pydantic schema before any work starts.
+Stage code is imported lazily so `zhchat --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any, Callable
+
+from .config import FORMATS, ConfigError, RunConfig, load_config
+
+# subcommand -> (module, function); each function takes the resolved RunConfig and the
+# parsed args and returns a JSON-able summary.
+STAGES: dict[str, tuple[str, str]] = {
+    "crawl": ("pipelines.crawl", "run_crawl"),
+    "ingest": ("pipelines.ingest", "run_ingest"),
+    "preprocess": ("pipelines.preprocess", "run_preprocess"),
+    "train": ("pipelines.train", "run_train"),
+    "eval": ("pipelines.evaluate", "run_eval"),
+    "serve": ("services.launch", "run_serve"),
+    "chat": ("zhchat.chat", "run_chat"),
+    "submit": ("zhchat.submit", "run_submit"),
+    "run": ("zhchat.run", "run_all"),
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (one schema for every stage)")
+    p.add_argument("--workdir", help="Base folder for stage outputs (default: ./zhchat-run)")
+    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray cluster")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zhchat", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("crawl", help="Crawl seed URLs into pages and dialogue tables")
+    _common(p)
+    p.add_argument("--seed", action="append", dest="seeds", help="Seed URL (repeatable)")
+    p.add_argument("--out")
+    p.add_argument("--max-pages", type=int)
+    p.add_argument("--max-depth", type=int)
+
+    p = sub.add_parser("ingest", help="Import dialogue files into a Parquet dialogue table")
+    _common(p)
+    p.add_argument("inputs", nargs="*", help="Files or folders (gzip works)")
+    p.add_argument("--format", choices=FORMATS)
+    p.add_argument("--out")
+
+    p = sub.add_parser("preprocess", help="Clean, segment, split, train the tokenizer, tokenize")
+    _common(p)
+    p.add_argument("--in", dest="input")
+    p.add_argument("--out")
+    p.add_argument("--tokenizer", dest="pretrained_tokenizer", help="Use this tokenizer (path or hub id)")
+    p.add_argument("--vocab-size", type=int)
+    p.add_argument("--context-length", type=int)
+
+    p = sub.add_parser("train", help="Train GPT-2 on Ray Train")
+    _common(p)
+    p.add_argument("--data")
+    p.add_argument("--out")
+    p.add_argument("--name")
+    p.add_argument("--preset", choices=["tiny", "small", "gpt2", "gpt2-medium"])
+    p.add_argument("--init-from")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--min-workers", type=int)
+
+    p = sub.add_parser("eval", help="Perplexity, BLEU, distinct-n and sample replies")
+    _common(p)
+    p.add_argument("--model")
+    p.add_argument("--data")
+    p.add_argument("--json", action="store_true", help="Also print the JSON report to stdout")
+
+    p = sub.add_parser("serve", help="Serve the chat app (OpenAI-style API and web page)")
+    _common(p)
+    p.add_argument("--model")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+
+    p = sub.add_parser("chat", help="Chat with a model in the terminal")
+    _common(p)
+    p.add_argument("--model")
+
+    p = sub.add_parser("submit", help="Submit the pipeline (or one stage) as a Ray job")
+    _common(p)
+    p.add_argument("stage", nargs="?", default="run")
+    p.add_argument("--address", help="Ray job server address (default: RAY_ADDRESS)")
+    p.add_argument("--follow", action="store_true", help="Stream the job's logs until it ends")
+
+    p = sub.add_parser("run", help="Run every stage in order on the embedded default or a config")
+    _common(p)
+    p.add_argument("config_file", nargs="?", help="Same as --config")
+    p.add_argument("--no-serve", action="store_true", help="Stop after evaluation")
+    return parser
+
+
+def overrides_from_args(a: argparse.Namespace) -> dict[str, Any]:
+    """Map flags onto the config tree; unset flags are None and keep the file's values."""
+    g = lambda name: getattr(a, name, None)  # noqa: E731
+    return {
+        "workdir": g("workdir"),
+        "ray": {"address": g("ray_address"), "num_cpus": g("num_cpus")},
+        "crawl": {"seeds": g("seeds"), "out": g("out") if a.command == "crawl" else None,
+                  "max_pages": g("max_pages"), "max_depth": g("max_depth")},
+        "ingest": {"inputs": g("inputs") or None, "format": g("format"),
+                   "out": g("out") if a.command == "ingest" else None},
+        "preprocess": {
+            "in": g("input"), "out": g("out") if a.command == "preprocess" else None,
+            "tokenizer": {"pretrained": g("pretrained_tokenizer"), "vocab_size": g("vocab_size")},
+            "format": {"context_length": g("context_length")},
+        },
+        "train": {"data": g("data") if a.command == "train" else None,
+                  "out": g("out") if a.command == "train" else None,
+                  "name": g("name"), "preset": g("preset"), "init_from": g("init_from"),
+                  "max_steps": g("max_steps"), "num_workers": g("num_workers"), "min_workers": g("min_workers")},
+        "eval": {"model": g("model") if a.command == "eval" else None,
+                 "data": g("data") if a.command == "eval" else None},
+        "serve": {"model": g("model") if a.command in ("serve", "chat") else None,
+                  "host": g("host"), "port": g("port")},
+    }
+
+
+def resolve_stage(name: str) -> Callable[..., Any]:
+    module, func = STAGES[name]
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (e.name == module or module.startswith(e.name + ".")):
+            raise SystemExit(f"zhchat {name}: this stage is not available in this version ({module} missing)")
+        raise
+    return getattr(mod, func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config_path = args.config or getattr(args, "config_file", None)
+    try:
+        cfg: RunConfig = load_config(config_path, overrides_from_args(args)).resolved()
+    except ConfigError as e:
+        print(f"zhchat {args.command}: {e}", file=sys.stderr)
+        return 2
+    fn = resolve_stage(args.command)
+    try:
+        summary = fn(cfg, args)
+    except KeyboardInterrupt:
+        print(f"zhchat {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as e:
+        print(f"zhchat {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    if getattr(args, "json", False) and summary is not None:
+        print(json.dumps(summary, ensure_ascii=False, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

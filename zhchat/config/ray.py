@@ -1,0 +1,14 @@
+from __future__ import annotations
+
+from pydantic import Field
+
+from .base import Section
+
+
+class RayConfig(Section):
+    """How to reach Ray. With no address (and no RAY_ADDRESS) a local cluster is started."""
+
+    address: str | None = Field(None, description="Ray address; None uses RAY_ADDRESS or starts a local cluster")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster (None: all)")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs for a local cluster (None: detect)")
+    include_dashboard: bool = Field(False, description="The dashboard costs ~1 GB RSS; off for laptops")

@@ -1,0 +1,53 @@
+"""Connecting to Ray and choosing devices from what the hardware offers."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .config import RayConfig
+
+
+def init_ray(cfg: RayConfig | None = None) -> None:
+    """Join the cluster named by cfg.address or RAY_ADDRESS, else start a local one.
+
+    Does nothing when Ray is already initialised (tests and `ray job submit` start it).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    cfg = cfg or RayConfig()
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
+        include_dashboard=cfg.include_dashboard,
+        logging_level=logging.WARNING,
+    )
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def best_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def autocast_dtype(device: str, precision: str = "auto"):
+    """bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU (bf16 is slower there)."""
+    import torch
+
+    if precision == "fp32" or (precision == "auto" and device != "cuda"):
+        return None
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
