@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="Submit the pipeline (or one stage) as a Ray job")
     _common(p)
-    p.add_argument("stage", nargs="?", default="run")
+    p.add_argument("config_file", nargs="?", help="Same as --config")
+    p.add_argument("--stage", default="run", choices=[s for s in STAGES if s not in ("submit", "chat")])
     p.add_argument("--address", help="Ray job server address (default: RAY_ADDRESS)")
     p.add_argument("--follow", action="store_true", help="Stream the job's logs until it ends")
 
