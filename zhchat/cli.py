@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any, Callable
 
-from .config import FORMATS, ConfigError, RunConfig, load_config
+from .config import FORMATS, ConfigError, RunConfig, check_stage_inputs, load_config
 
 # subcommand -> (module, function); each function takes the resolved RunConfig and the
 # parsed args and returns a JSON-able summary.
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     config_path = args.config or getattr(args, "config_file", None)
     try:
         cfg: RunConfig = load_config(config_path, overrides_from_args(args)).resolved()
+        check_stage_inputs(cfg, args.command)
     except ConfigError as e:
         print(f"zhchat {args.command}: {e}", file=sys.stderr)
         return 2

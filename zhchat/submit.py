@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import time
 from pathlib import Path
 
 import yaml
@@ -55,17 +54,15 @@ def submit(cfg: RunConfig, stage: str, address: str, follow: bool = False, worki
 
     use_token_auth_if_present()
     client = JobSubmissionClient(address)
-    jobs_dir = working_dir / ".zhchat-submit"
-    jobs_dir.mkdir(exist_ok=True)
-    cfg_file = jobs_dir / f"{stage}-{int(time.time() * 1000)}.yaml"
-    cfg_file.write_text(yaml.safe_dump(job_config(cfg), allow_unicode=True, sort_keys=False), encoding="utf-8")
-    entry = f"python -m zhchat.cli {stage} --config .zhchat-submit/{cfg_file.name}"
+    config_yaml = yaml.safe_dump(job_config(cfg), allow_unicode=True, sort_keys=False)
+    entry = f"python -m zhchat.cli {stage} --config env://ZHCHAT_CONFIG"
     if stage == "run":
         entry += " --no-serve"  # a batch job ends; serve with a RayService or `zhchat serve`
     job_id = client.submit_job(
         entrypoint=entry,
         runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES,
-                     "env_vars": {"TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}},
+                     "env_vars": {"ZHCHAT_CONFIG": config_yaml, "TOKENIZERS_PARALLELISM": "false",
+                                  **(extra_env or {})}},
         metadata={"zhchat_stage": stage},
     )
     say(f"submitted job [bold]{job_id}[/] to {address}: {entry}")

@@ -6,6 +6,7 @@ key or value fails at load time with the field's dotted name and the reason.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from .serve import GenerationDefaults, ServeConfig
 from .train import EvalConfig, TrainConfig
 
 __all__ = [
-    "RunConfig", "ConfigError", "load_config", "Section", "existing_path", "is_uri",
+    "RunConfig", "ConfigError", "load_config", "check_stage_inputs", "Section", "existing_path", "is_uri",
     "RayConfig", "IngestConfig", "CrawlConfig", "SelectorConfig", "CleanConfig", "SegmentConfig",
     "SplitConfig", "TokenizerConfig", "FormatConfig", "PreprocessConfig", "TrainConfig",
     "EvalConfig", "ServeConfig", "GenerationDefaults", "FORMATS",
@@ -54,7 +55,7 @@ class RunConfig(Section):
         c.ingest.out = ingest_out
         c.crawl.out = crawl_out
         if c.preprocess.input is None:
-            c.preprocess.__dict__["input"] = crawl_out if c.crawl.seeds and not c.ingest.inputs else ingest_out
+            c.preprocess.input = crawl_out if c.crawl.seeds and not c.ingest.inputs else ingest_out
         c.preprocess.out = c.preprocess.out or c.path("data")
         c.train.data = c.train.data or c.preprocess.out
         c.train.out = c.train.out or c.path("train")
@@ -62,6 +63,29 @@ class RunConfig(Section):
         c.eval.model = c.eval.model or c.train.out
         c.serve.model = c.serve.model or c.train.out
         return c
+
+
+# Inputs a stage reads that an earlier stage may write: checked when that stage is run on
+# its own (not at load time, since `zhchat run` creates them as it goes).
+STAGE_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "preprocess": (("preprocess", "input"),),
+    "train": (("train", "data"),),
+    "eval": (("eval", "model"), ("eval", "data")),
+    "serve": (("serve", "model"),),
+    "chat": (("serve", "model"),),
+}
+
+
+def check_stage_inputs(cfg: "RunConfig", stage: str) -> None:
+    """Fail before any work when a stage's input folder is missing, naming the field."""
+    missing = []
+    for section, field in STAGE_INPUTS.get(stage, ()):
+        value = getattr(getattr(cfg, section), field)
+        if value is not None and not is_uri(value) and not Path(value).expanduser().exists():
+            key = "in" if field == "input" else field
+            missing.append(f"  {section}.{key}: path does not exist (got {value!r})")
+    if missing:
+        raise ConfigError("invalid config:\n" + "\n".join(missing))
 
 
 class ConfigError(ValueError):
@@ -101,11 +125,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        text = _read_config_text(str(path))
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
         if loaded is not None and not isinstance(loaded, dict):
@@ -119,6 +141,20 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         return RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
+
+
+def _read_config_text(path: str) -> str:
+    """A file path, or env://NAME for a config passed in an environment variable (how
+    `zhchat submit` hands the config to a Ray job without writing into the project)."""
+    if path.startswith("env://"):
+        name = path[len("env://"):]
+        if name not in os.environ:
+            raise ConfigError(f"config variable {name} is not set")
+        return os.environ[name]
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    return p.read_text(encoding="utf-8")
 
 
 def _drop_none(d: dict) -> dict:

@@ -129,7 +129,3 @@ class PreprocessConfig(Section):
 
     model_config = Section.model_config | {"populate_by_name": True}
 
-    @field_validator("input")
-    @classmethod
-    def _input_exists(cls, v: str | None) -> str | None:
-        return None if v is None else existing_path(v, "preprocess input")

@@ -11,33 +11,43 @@ from .base import Section
 
 class TrainConfig(Section):
     data: str | None = Field(None, description="Folder written by preprocess (tokenized shards + tokenizer)")
-    out: str | None = Field(None, description="Run folder (local path or s3:// / gs:// URI)")
-    name: str | None = Field(None, description="Run name; the same name and out resume the run")
+    out: str | None = Field(None, description="Folder holding runs (local path or s3:// / gs:// URI); a run is OUT/NAME")
+    name: str | None = Field(None, description="Run name; the same name and out resume the run (None: derived from preset and data)")
     preset: Literal["tiny", "small", "gpt2", "gpt2-medium"] = "small"
-    init_from: str | None = Field(None, description="Fine-tune this pretrained GPT-2 (local path or hub id)")
-    max_steps: int = Field(600, ge=1)
+    init_from: str | None = Field(None, description="Fine-tune this pretrained GPT-2 (local path or hub id) instead of a preset")
+    dropout: float | None = Field(None, ge=0, lt=1, description="None: 0.0 for presets, the model's own for init_from")
+    max_steps: int = Field(600, ge=1, description="Optimizer steps; epochs repeat as needed")
     global_batch_size: int = Field(16, ge=1, description="Sequences per optimizer step, whatever the worker count")
-    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward pass per worker")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward pass per worker (gradient accumulation makes up the rest)")
     lr: float = Field(1e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at lr * min_lr_ratio")
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 1234
+    shuffle_buffer: int = Field(1024, ge=0, description="Rows in each worker's local shuffle buffer (0: file order)")
     num_workers: int = Field(1, ge=1)
     min_workers: int | None = Field(None, ge=1, description="Set for elastic training: (min_workers, num_workers)")
     cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(None, ge=1, description="None: the worker's CPU share (all cores for one CPU worker)")
     use_gpu: Literal["auto", "yes", "no"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 autocast on GPUs that support it, fp32 on CPU")
+    peak_flops: float | None = Field(None, gt=0, description="Per-device peak FLOP/s for MFU where it is not in the GPU table (e.g. a measured CPU GEMM rate)")
     checkpoint_every: int = Field(100, ge=1)
-    keep_last: int = Field(2, ge=1)
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept: the best keep_last by validation loss, plus always the latest")
     log_every: int = Field(10, ge=1)
-    max_failures: int = Field(3, ge=-1)
+    val_max_sequences: int = Field(1024, ge=1, description="Validation sequences scored at each checkpoint")
+    max_failures: int = Field(3, ge=-1, description="Worker/node failures to recover from (-1: forever)")
 
     @model_validator(mode="after")
     def _batches(self):
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ValueError("min_workers must be <= num_workers")
+        if self.global_batch_size % self.num_workers:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not divisible by num_workers {self.num_workers}; "
+                "every worker takes an equal share of each step"
+            )
         return self
 
 
@@ -46,4 +56,13 @@ class EvalConfig(Section):
     data: str | None = Field(None, description="Folder written by preprocess")
     max_new_tokens: int = Field(48, ge=1)
     max_samples: int = Field(200, ge=1, description="Test contexts to generate replies for")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="Sequences per forward pass / replies per generation batch")
+    actors: int | None = Field(None, ge=1, description="Model replicas scoring and generating (None: one per 2 cluster CPUs, at most 4)")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    temperature: float = Field(0.8, ge=0, le=2, description="0: greedy")
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int = Field(50, ge=0)
+    repetition_penalty: float = Field(1.2, ge=1, le=3)
+    no_repeat_ngram_size: int = Field(3, ge=0)
+    seed: int = 0
+    show_samples: int = Field(10, ge=0, description="Sample dialogues in the Markdown report")
