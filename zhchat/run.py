@@ -31,9 +31,10 @@ PIPELINE: list[tuple[str, str, tuple[str, ...]]] = [
 ]
 
 
-def sample_dir() -> str:
-    """The sample corpus that ships with the package."""
-    return str(resources.files("zhchat") / "data" / "sample")
+def sample_files() -> list[str]:
+    """The sample corpus that ships with the package (its README is not data)."""
+    root = resources.files("zhchat") / "data" / "sample"
+    return sorted(str(p) for p in root.iterdir() if p.is_file() and not p.name.endswith(".md"))
 
 
 def embedded_default(cfg: RunConfig, has_config: bool) -> RunConfig:
@@ -41,7 +42,7 @@ def embedded_default(cfg: RunConfig, has_config: bool) -> RunConfig:
     if has_config or cfg.ingest.inputs or cfg.crawl.seeds:
         return cfg
     data = cfg.model_dump(by_alias=True)
-    data["ingest"]["inputs"] = [sample_dir()]
+    data["ingest"]["inputs"] = sample_files()
     return RunConfig.model_validate(data).resolved()
 
 
