@@ -1,0 +1,94 @@
+"""`zhchat submit` against a real head node started with `ray start --head` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from zhchat.config import load_config
+from zhchat.submit import job_config, submit
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head_node(tmp_path_factory):
+    temp = tmp_path_factory.mktemp("rayhead")
+    gcs, dash = _free_port(), _free_port()
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    # --block keeps `ray start` in the foreground so the whole head can be stopped by its
+    # process group (never `ray stop`: it would stop every Ray cluster on the machine).
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+         "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    import httpx
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{address}/api/version", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("head node did not start in 120 s")
+    yield address
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+    os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_job_config_makes_local_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, {"workdir": "rel", "train": {"out": "s3://bucket/run"}}).resolved()
+    data = job_config(cfg)
+    assert data["workdir"] == str(tmp_path / "rel")
+    assert data["preprocess"]["in"] == str(tmp_path / "rel" / "ingest")
+    assert data["train"]["out"] == "s3://bucket/run"  # URIs untouched
+    assert data["ray"]["address"] is None
+
+
+def test_submit_ingest_job_runs_on_head(head_node, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    src = tmp_path / "chat.jsonl"
+    src.write_text('{"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好呀"}]}\n'
+                   "not json\n", encoding="utf-8")
+    cfg = load_config(None, {"workdir": str(tmp_path / "w"), "ingest": {"inputs": [str(src)]}}).resolved()
+    job_id = submit(cfg, "ingest", head_node)
+    client = JobSubmissionClient(head_node)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(2)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    rows = pq.read_table(str(tmp_path / "w" / "ingest" / "dialogues")).to_pylist()
+    assert [r["turns"] for r in rows] == [["你好", "你好呀"]]
+    bad = pq.read_table(str(tmp_path / "w" / "ingest" / "quarantine")).to_pylist()
+    assert len(bad) == 1 and bad[0]["line"] == 2
