@@ -22,6 +22,8 @@ class IngestConfig(Section):
     inputs: list[str] = Field(default_factory=list, description="Files or folders to import (gzip works)")
     format: Format = Field("auto", description="Input format; 'auto' detects it per file and says which")
     out: str | None = Field(None, description="Output folder (dialogues/ and quarantine/ Parquet)")
+    chunk_mb: int = Field(32, ge=1, le=1024, description="Line-based files are parsed in chunks of about this size "
+                          "(memory per parse task); gzip and whole-JSON files are one chunk each")
 
     @field_validator("inputs")
     @classmethod
@@ -29,23 +31,36 @@ class IngestConfig(Section):
         return [existing_path(p, "input") for p in v]
 
 
-# Ordered regex -> replacement pairs applied to every turn after NFKC. Laughter and filler
-# variants collapse to one token so the model does not learn a hundred spellings of 'ha'.
+# Ordered regex -> replacement pairs (Python `re`), applied to every turn after NFKC,
+# Weibo-noise removal, un-spacing and privacy scrubbing, before long runs of one character
+# are cut. Laughter and filler variants collapse to one spelling so the model does not
+# learn a hundred ways to write "ha"; each pattern only fires on a real run (3+ where the
+# doubled form is ordinary text, e.g. 哈哈, 哇哇大哭) and never inside words (乐呵呵, 笑呵呵).
 DEFAULT_RULES: list[tuple[str, str]] = [
-    (r"呵{2,}", "笑"),
-    (r"[哈]{2,}", "哈哈"),
-    (r"[嘿]{2,}", "嘿嘿"),
-    (r"[嘻]{2,}", "嘻嘻"),
-    (r"(?i)(?:233+|2333+)", "哈哈"),
-    (r"(?i)\bha(?:ha)+\b", "哈哈"),
-    (r"(?i)\b(?:lol|lmao)\b", "哈哈"),
-    (r"[嗯]{2,}", "嗯"),
+    # laughter
+    (r"(?<![乐笑傻憨喜])呵{2,}", "笑"),                 # 呵呵 / 呵呵呵… is a (dry) laugh
+    (r"哈{3,}", "哈哈"),
+    (r"(?i)(?<![a-z])(?:ha){2,}h?(?![a-z])", "哈哈"),   # haha, hahaha
+    (r"(?i)(?<![a-z])h{3,}(?![a-z])", "哈哈"),          # hhhh (internet laughter)
+    (r"(?<!\d)2333+(?!\d)", "哈哈"),                  # 2333…; a bare 233 is often a number
+    (r"嘿{3,}", "嘿嘿"),
+    (r"嘻{3,}", "嘻嘻"),
+    (r"嘤{3,}", "嘤嘤"),
+    (r"(?i)(?<![a-z])xswl(?![a-z])", "笑死我了"),
+    # drawn-out interjections and fillers
+    (r"嗯{2,}", "嗯"),
     (r"[额呃]{2,}", "呃"),
-    (r"[啊]{2,}", "啊"),
-    (r"[～~]{2,}", "~"),
-    (r"[。\.]{3,}|…{2,}", "…"),
-    (r"[!！]{2,}", "!"),
-    (r"[?？]{2,}", "?"),
+    (r"(?i)(?<![a-z])em{2,}(?![a-z])", "呃"),           # emmm
+    (r"啊{2,}", "啊"),
+    (r"哦{2,}", "哦"),
+    (r"噢{2,}", "噢"),
+    (r"哇{3,}", "哇"),
+    (r"[唉哎]{3,}", "唉"),
+    # punctuation runs (after NFKC: ～ is ~, ！ is !, …… is ......)
+    (r"~{2,}", "~"),
+    (r"[。.]{3,}|。{2,}|…{2,}", "…"),
+    (r"([!！])[!！]+", r"\1"),
+    (r"([?？])[?？]+", r"\1"),
 ]
 
 
@@ -126,6 +141,7 @@ class PreprocessConfig(Section):
     split: SplitConfig = Field(default_factory=SplitConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     format: FormatConfig = Field(default_factory=FormatConfig)
+    force: bool = Field(False, description="Redo the work even if OUT/manifest.json shows these inputs and config are done")
 
     model_config = Section.model_config | {"populate_by_name": True}
 
