@@ -14,7 +14,8 @@ def summary_table(title: str, columns: Sequence[str], rows: Iterable[Sequence]) 
     """Print a table of counts (per file, per rule, per split ...) to stderr."""
     t = Table(title=title, title_justify="left")
     for c in columns:
-        t.add_column(str(c), justify="right" if c != columns[0] else "left")
+        # fold rather than truncate: file paths in the first column must stay readable
+        t.add_column(str(c), justify="right" if c != columns[0] else "left", overflow="fold")
     for r in rows:
         t.add_row(*[f"{v:,}" if isinstance(v, int) else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in r])
     console.print(t)
