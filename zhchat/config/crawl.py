@@ -61,6 +61,8 @@ class CrawlConfig(Section):
     cpus_per_worker: float = Field(0.25, gt=0, description="Logical CPUs per fetch task (fetching is I/O-bound)")
     batch_size: int = Field(32, ge=1, description="URLs per Ray Data batch (one task fetches them concurrently)")
     fetch_concurrency: int = Field(32, ge=1, description="Requests in flight per task (the host limiter still holds)")
+    extract_fast: bool = Field(
+        True, description="trafilatura without its fallback extractors: ~4x less CPU per page, a little less recall")
     text_rows: bool = Field(True, description="Pages with main text but no dialogue selector match become one-turn rows")
     min_text_chars: int = Field(10, ge=0, description="Shorter main texts make no text row")
     selectors: list[SelectorConfig] = Field(default_factory=list)

@@ -1,0 +1,88 @@
+"""Second Ray Data step: fetched bytes -> decoded text, in-scope links and dialogue turns.
+
+One row in, one row out (RESULT_SCHEMA); the driver splits it into the pages, dialogues and
+errors tables. CPU work lives here, apart from the I/O-bound fetch step.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from selectolax.lexbor import LexborHTMLParser
+
+from zhchat.config import CrawlConfig
+
+from .decode import decode_body
+from .extract import main_text, meta_robots, page_links, thread_turns
+from .urls import in_scope
+
+RESULT_SCHEMA = pa.schema([
+    ("url", pa.string()),
+    ("depth", pa.int32()),
+    ("final_url", pa.string()),
+    ("status", pa.int32()),
+    ("outcome", pa.string()),          # ok | redirected | noindex | error
+    ("content_type", pa.string()),
+    ("charset", pa.string()),
+    ("charset_declared", pa.string()),
+    ("charset_mismatch", pa.bool_()),
+    ("fetched_at", pa.timestamp("ms", tz="UTC")),
+    ("bytes", pa.int64()),
+    ("text", pa.string()),
+    ("links", pa.list_(pa.string())),  # in scope, normalised; robots is checked by the driver
+    ("links_offsite", pa.int32()),
+    ("links_bad_scheme", pa.int32()),
+    ("turns", pa.list_(pa.string())),  # thread dialogue turns; empty if none
+    ("error_kind", pa.string()),
+    ("message", pa.string()),
+    ("attempts", pa.int32()),
+])
+
+
+def process_row(row: dict, cfg: CrawlConfig, allowed: list[str], exact_hosts: list[str]) -> dict:
+    out = {k: row.get(k) for k in ("url", "depth", "final_url", "status", "content_type", "fetched_at",
+                                     "error_kind", "message", "attempts")}
+    out.update(outcome="ok", charset="", charset_declared="", charset_mismatch=False, bytes=len(row["body"] or b""),
+               text="", links=[], links_offsite=0, links_bad_scheme=0, turns=[])
+    if row["error_kind"]:
+        out["outcome"] = "error"
+        return out
+    if row["redirect_to"]:
+        out["outcome"] = "redirected"
+        target = row["redirect_to"]
+        if in_scope(target, allowed, exact_hosts):
+            out["links"] = [target]
+        else:
+            out["links_offsite"] = 1
+        return out
+    try:
+        mime = (row["content_type"] or "text/html").split(";")[0].strip().lower()
+        is_html = mime != "text/plain"
+        dec = decode_body(row["body"], row["content_type"] or "", is_html=is_html)
+        out.update(charset=dec.charset, charset_declared=dec.declared, charset_mismatch=dec.mismatch)
+        url = row["final_url"]
+        if not is_html:
+            out["text"] = dec.text.strip()
+            return out
+        tree = LexborHTMLParser(dec.text)
+        directives = meta_robots(tree)
+        if "nofollow" not in directives:
+            links = page_links(tree, url)
+            out["links"] = [u for u in links.urls if in_scope(u, allowed, exact_hosts)]
+            out["links_offsite"] = len(links.urls) - len(out["links"])
+            out["links_bad_scheme"] = links.bad_scheme
+        if "noindex" in directives:
+            out["outcome"] = "noindex"  # fetched and followed, but its content is not kept
+            return out
+        turns = thread_turns(tree, url, cfg.selectors) if cfg.selectors else None
+        out["turns"] = turns or []
+        out["text"] = main_text(dec.text, url, fast=cfg.extract_fast)
+    except Exception as e:  # a page that breaks a parser is recorded, never fatal
+        out.update(outcome="error", error_kind="extract", message=f"{type(e).__name__}: {e}"[:2000],
+                   text="", turns=[], links=[])
+    return out
+
+
+def process_batch(batch: pa.Table, *, cfg: CrawlConfig, allowed: list[str], exact_hosts: list[str]) -> pa.Table:
+    """Ray Data UDF: FETCH_SCHEMA rows -> RESULT_SCHEMA rows."""
+    rows = [process_row(r, cfg, allowed, exact_hosts) for r in batch.to_pylist()]
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)

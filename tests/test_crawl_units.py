@@ -1,0 +1,268 @@
+"""Crawler pieces without Ray: URLs, charsets, extraction, the limiter's logic, and the fetcher
+against a real HTTP server on 127.0.0.1 (redirects, caps, timeouts, retries)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from crawl_site import Reply, SiteServer, html_page
+from pipelines.crawl.decode import canonical, decode_body
+from pipelines.crawl.extract import page_links, thread_turns
+from pipelines.crawl.fetch import Fetcher, LocalLimiter, make_client, retry_after_s
+from pipelines.crawl.frontier import Frontier
+from pipelines.crawl.politeness import HostLimiterCore, Robots
+from pipelines.crawl.urls import BadURL, in_scope, normalize_url
+from zhchat.config import CrawlConfig, SelectorConfig
+
+ZH = "我们今天去公园散步，天气很好。北京的秋天特别美，上海的小笼包很好吃。你吃饭了吗？还没有，一起去吃火锅吧。"
+TW = "我們今天去公園散步，天氣很好。臺北的秋天特別美，小籠包很好吃。你吃飯了嗎？還沒有，一起去吃火鍋吧。"
+
+
+def _doc(text: str, meta: str | None) -> str:
+    nav = "".join(f'<li><a href="/p/{i}.html">link {i}</a></li>' for i in range(20))
+    return html_page("t", f"<ul>{nav}</ul><div><p>{text}</p></div>", meta=meta)
+
+
+# ---- URLs -----------------------------------------------------------------------------------
+
+def test_normalize_url():
+    assert normalize_url("HTTP://Example.COM:80/a/./b/../c?x=1#frag") == "http://example.com/a/c?x=1"
+    assert normalize_url("https://example.com") == "https://example.com/"
+    assert normalize_url("../d", base="http://h.cn/a/b/c") == "http://h.cn/a/d"
+    assert normalize_url("/路径?q=中文", base="http://h.cn/") == "http://h.cn/%E8%B7%AF%E5%BE%84?q=%E4%B8%AD%E6%96%87"
+    assert normalize_url("http://h.cn/x/%e4%bd%a0") == "http://h.cn/x/%E4%BD%A0"
+    assert normalize_url("http://h.cn:8080/") == "http://h.cn:8080/"
+    for bad in ["mailto:a@b.cn", "ftp://h.cn/f", "javascript:void(0)", "http://", "data:text/html,hi"]:
+        with pytest.raises(BadURL):
+            normalize_url(bad)
+
+
+def test_scope():
+    assert in_scope("http://bbs.example.cn/x", ["example.cn"])
+    assert not in_scope("http://example.cn.evil.com/x", ["example.cn"])
+    assert in_scope("http://127.0.0.1:9/x", [], ["127.0.0.1"])
+    assert not in_scope("http://127.0.0.2:9/x", [], ["127.0.0.1"])
+    assert not in_scope("http://localhost:9/x", [], ["127.0.0.1"])
+
+
+def test_frontier_breadth_first_and_once():
+    f = Frontier(max_depth=2)
+    assert f.add("http://a/1", 1) and f.add("http://a/0", 0)
+    assert not f.add("http://a/1", 2)          # already queued shallower
+    assert not f.add("http://a/deep", 3)       # past max_depth
+    assert f.take(1) == [("http://a/0", 0)]
+    assert not f.add("http://a/0", 0)          # in flight
+    f.finish("http://a/0", "http://a/0-final")
+    assert not f.add("http://a/0-final", 1)    # a redirect's final URL counts as fetched
+    assert len(f) == 1
+
+
+# ---- charsets -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("codec,text,header,meta,expect", [
+    ("utf-8", ZH, "text/html; charset=utf-8", None, "utf-8"),
+    ("gbk", ZH, "text/html; charset=GBK", None, "gb18030"),
+    ("gbk", ZH, "text/html", "gb2312", "gb18030"),
+    ("gb18030", ZH + "𠀀", "text/html", "GB18030", "gb18030"),
+    ("big5", TW, "text/html", "big5", "big5hkscs"),
+    ("gbk", ZH, "text/html", None, "gb18030"),          # nothing declared: detected
+    ("big5", TW, "text/html", None, "big5hkscs"),
+    ("utf-8", ZH, "text/html", None, "utf-8"),
+])
+def test_decode_correct_text(codec, text, header, meta, expect):
+    d = decode_body(_doc(text, meta).encode(codec), header)
+    assert text in d.text
+    assert d.charset == expect
+    assert not d.mismatch
+
+
+def test_gb2312_declaration_decodes_gbk_characters():
+    # 镕 is in GBK but not in GB2312: pages labelled gb2312 use it anyway.
+    body = _doc("朱镕基" + ZH, "gb2312").encode("gbk")
+    d = decode_body(body, "text/html")
+    assert "朱镕基" in d.text and d.charset == "gb18030" and not d.mismatch
+
+
+@pytest.mark.parametrize("codec,text,declared", [
+    ("gbk", ZH, "utf-8"),          # strict decode fails
+    ("utf-8", ZH, "gbk"),          # GB18030 decodes UTF-8 bytes into mojibake without error
+    ("big5", TW, "gbk"),           # same: declared GBK, served Big5
+    ("gbk", ZH, "iso-8859-1"),     # a server default Latin-1 header on a Chinese page
+])
+def test_wrong_declared_charset_is_detected(codec, text, declared):
+    d = decode_body(_doc(text, None).encode(codec), f"text/html; charset={declared}")
+    assert text in d.text, d.text[-200:]
+    assert d.mismatch and d.declared == declared
+    assert canonical(d.charset) != canonical(declared)
+
+
+def test_header_wins_over_meta_but_is_checked():
+    body = _doc(ZH, "utf-8").encode("gbk")     # meta lies, header is right
+    d = decode_body(body, "text/html; charset=gbk")
+    assert ZH in d.text and not d.mismatch and d.declared == "gbk"
+
+
+# ---- extraction -----------------------------------------------------------------------------
+
+def test_links_and_thread_turns():
+    from selectolax.lexbor import LexborHTMLParser
+
+    html = """<html><head><base href="http://h.cn/bbs/"></head><body>
+      <a href="t/1.html#r2">t</a><a href="t/1.html">same</a><a href="mailto:x@h.cn">m</a>
+      <a href="ftp://h.cn/f">f</a><a href="javascript:void(0)">j</a><a href="#top">top</a>
+      <div class="post">楼主：今天
+      天气怎么样？</div><div class="reply">一楼：很好。</div><div class="reply"> </div><div class="reply">二楼：下雨了。</div>
+    </body></html>"""
+    tree = LexborHTMLParser(html)
+    links = page_links(tree, "http://h.cn/index.html")
+    assert links.urls == ["http://h.cn/bbs/t/1.html"]
+    assert links.bad_scheme == 3
+    sel = [SelectorConfig(url_pattern=r"/nothing/", post="div.x", replies="div.y"),
+           SelectorConfig(url_pattern=r"/bbs/", post="div.post", replies="div.reply")]
+    assert thread_turns(tree, "http://h.cn/bbs/t/1.html", sel) == ["楼主：今天天气怎么样？", "一楼：很好。", "二楼：下雨了。"]
+    assert thread_turns(tree, "http://h.cn/other", sel) is None
+
+
+def test_selector_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="not a valid CSS selector"):
+        SelectorConfig(post="div[", replies="p")
+    with pytest.raises(ValueError, match="not a valid regex"):
+        SelectorConfig(url_pattern="(", post="div", replies="p")
+
+
+def test_robots_rules():
+    r = Robots("User-agent: *\nDisallow: /private/\nCrawl-delay: 1.5\n", user_agent="zhchat-crawler/0.1 (+x)")
+    assert r.allowed("http://h/a") and not r.allowed("http://h/private/x")
+    assert r.crawl_delay() == 1.5
+    assert Robots(None).allowed("http://h/private/x")
+    assert not Robots(None, deny_all=True).allowed("http://h/a")
+
+
+def test_retry_after():
+    assert retry_after_s("3") == 3.0
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert retry_after_s("soon") is None
+
+
+# ---- the limiter's logic --------------------------------------------------------------------
+
+def test_limiter_core_concurrency_and_spacing():
+    async def main():
+        core = HostLimiterCore(concurrency=2, rps=20, lease_ttl_s=10)
+        active, peak, starts = 0, 0, []
+
+        async def job():
+            nonlocal active, peak
+            lease = await core.acquire("h")
+            starts.append(time.monotonic())
+            active += 1
+            peak = max(peak, active)
+            await asyncio.sleep(0.08)
+            active -= 1
+            await core.release("h", lease)
+
+        await asyncio.gather(*(job() for _ in range(10)))
+        return peak, starts
+
+    peak, starts = asyncio.run(main())
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert peak == 2
+    assert min(gaps) >= 0.045  # 1/20 s apart (timer slack allowed)
+
+
+def test_limiter_core_expires_lost_leases():
+    async def main():
+        core = HostLimiterCore(concurrency=1, rps=1000, lease_ttl_s=0.2)
+        await core.acquire("h")               # a worker that died holding its lease
+        t = time.monotonic()
+        await core.acquire("h")
+        return time.monotonic() - t
+
+    assert 0.15 < asyncio.run(main()) < 2
+
+
+# ---- the fetcher against a real server ------------------------------------------------------
+
+CFG = CrawlConfig(connect_timeout_s=0.5, read_timeout_s=0.3, page_timeout_s=1.0, max_retries=2, backoff_s=0.02,
+                  max_page_bytes=64 * 1024, max_redirects=3, per_host_rps=1000, per_host_concurrency=8)
+
+
+@pytest.fixture(scope="module")
+def server():
+    routes = {
+        "/ok": Reply(body=html_page("ok", "<p>好</p>").encode()),
+        "/r1": Reply(302, headers={"Location": "/r2"}),
+        "/r2": Reply(301, headers={"Location": "http://127.0.0.1:1/elsewhere"}),
+        "/r3": Reply(307, headers={"Location": "/ok"}),
+        "/loop-a": Reply(302, headers={"Location": "/loop-b"}),
+        "/loop-b": Reply(302, headers={"Location": "/loop-a"}),
+        "/chain0": Reply(302, headers={"Location": "/chain1"}),
+        "/chain1": Reply(302, headers={"Location": "/chain2"}),
+        "/chain2": Reply(302, headers={"Location": "/chain3"}),
+        "/chain3": Reply(302, headers={"Location": "/chain4"}),
+        "/chain4": Reply(302, headers={"Location": "/ok"}),
+        "/to-mailto": Reply(302, headers={"Location": "mailto:a@b.cn"}),
+        "/slow": Reply(body=b"late", delay=1.0),
+        "/stream": Reply(stream_bytes=64 * 1024 * 1024),
+        "/big": Reply(body=b"x" * (200 * 1024)),
+        "/png": Reply(body=b"\x89PNG\r\n\x1a\n" + b"\0" * 100, content_type="image/png"),
+        "/notype": Reply(body=b"\x00\x01binary", content_type=""),
+        "/404": Reply(404, b"no"),
+        "/500": Reply(500, b"err"),
+        "/429": lambda n: Reply(429, b"wait", headers={"Retry-After": "1"}) if n == 1 else Reply(body=b"<p>ok</p>"),
+        "/503-long": Reply(503, b"down", headers={"Retry-After": "3600"}),
+    }
+    with SiteServer(routes) as s:
+        yield s
+
+
+def _fetch(server, path, cfg=CFG, allowed=None):
+    async def main():
+        async with make_client(cfg, 8) as client:
+            f = Fetcher(cfg, client, LocalLimiter(HostLimiterCore(8, 1000, 30)), allowed)
+            return await f.fetch(server.url(path))
+    return asyncio.run(main())
+
+
+def test_fetch_ok_sends_honest_user_agent(server):
+    row = _fetch(server, "/ok")
+    assert row["error_kind"] == "" and row["status"] == 200 and "好".encode() in row["body"]
+    assert server.hits_for("/ok")[-1].user_agent == CFG.user_agent
+
+
+def test_fetch_redirects(server):
+    row = _fetch(server, "/r3")
+    assert row["final_url"] == server.url("/ok") and row["status"] == 200
+    row = _fetch(server, "/r1")  # same-origin hop followed, cross-origin handed back
+    assert row["redirect_to"] == "http://127.0.0.1:1/elsewhere" and row["final_url"] == server.url("/r2")
+    assert _fetch(server, "/loop-a")["error_kind"] == "redirect_loop"
+    assert _fetch(server, "/chain0")["error_kind"] == "too_many_redirects"
+    assert _fetch(server, "/to-mailto")["error_kind"] == "bad_redirect"
+    assert _fetch(server, "/r3", allowed=lambda u: not u.endswith("/ok"))["error_kind"] == "robots_disallowed"
+
+
+def test_fetch_caps_and_types(server):
+    row = _fetch(server, "/stream")
+    assert row["error_kind"] == "too_large" and row["attempts"] == 1
+    time.sleep(0.2)
+    assert server.hits_for("/stream")[-1].bytes_sent < 32 * 1024 * 1024  # stopped reading early
+    assert _fetch(server, "/big")["error_kind"] == "too_large"
+    assert _fetch(server, "/png")["error_kind"] == "content_type"
+    assert _fetch(server, "/notype")["error_kind"] == "content_type"
+
+
+def test_fetch_retries(server):
+    row = _fetch(server, "/slow")
+    assert row["error_kind"] == "timeout" and row["attempts"] == 3
+    assert _fetch(server, "/404")["attempts"] == 1
+    row = _fetch(server, "/500")
+    assert row["error_kind"] == "http_5xx" and row["attempts"] == 3 and row["status"] == 500
+    row = _fetch(server, "/429")
+    assert row["error_kind"] == "" and row["attempts"] == 2
+    first, second = server.hits_for("/429")[:2]
+    assert second.start - first.start >= 0.95  # Retry-After: 1 honoured
+    row = _fetch(server, "/503-long", cfg=CFG.model_copy(update={"max_retry_after_s": 5}))
+    assert row["error_kind"] == "http_5xx" and row["attempts"] == 1 and "max_retry_after_s" in row["message"]
