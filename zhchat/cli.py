@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out")
     p.add_argument("--max-pages", type=int)
     p.add_argument("--max-depth", type=int)
+    p.add_argument("--allowed-domain", action="append", dest="allowed_domains", help="Repeatable; default: the seeds' hosts")
+    p.add_argument("--per-host-concurrency", type=int)
+    p.add_argument("--per-host-rps", type=float)
 
     p = sub.add_parser("ingest", help="Import dialogue files into a Parquet dialogue table")
     _common(p)
@@ -110,7 +113,9 @@ def overrides_from_args(a: argparse.Namespace) -> dict[str, Any]:
         "workdir": g("workdir"),
         "ray": {"address": g("ray_address"), "num_cpus": g("num_cpus")},
         "crawl": {"seeds": g("seeds"), "out": g("out") if a.command == "crawl" else None,
-                  "max_pages": g("max_pages"), "max_depth": g("max_depth")},
+                  "max_pages": g("max_pages"), "max_depth": g("max_depth"),
+                  "allowed_domains": g("allowed_domains"), "per_host_concurrency": g("per_host_concurrency"),
+                  "per_host_rps": g("per_host_rps")},
         "ingest": {"inputs": g("inputs") or None, "format": g("format"),
                    "out": g("out") if a.command == "ingest" else None},
         "preprocess": {
