@@ -1,0 +1,69 @@
+"""`zhchat serve`: start the Serve app on a Ray cluster and keep it up until Ctrl-C/SIGTERM.
+
+`start()` is the non-blocking variant (used by `zhchat run` and the tests): it returns the
+base URL once the app is running.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from zhchat.config import RunConfig, ServeConfig
+from zhchat.report import kv_table, say
+from zhchat.runtime import init_ray
+
+APP_NAME = "zhchat"
+
+
+def ensure_serve(host: str, port: int) -> int:
+    """Start Serve's HTTP proxy on host:port unless Serve already runs; the port in use."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    serve.start(http_options={"host": host, "port": port})
+    return _get_global_client().http_config.port
+
+
+def start(cfg: RunConfig | ServeConfig, name: str = APP_NAME, route_prefix: str = "/") -> str:
+    """Deploy the app (ingress + model) and return its base URL, without blocking."""
+    from ray import serve
+
+    from services.app import app_from_config
+
+    serve_cfg = cfg.serve if isinstance(cfg, RunConfig) else cfg
+    if isinstance(cfg, RunConfig):
+        init_ray(cfg.ray)
+    else:
+        init_ray()
+    if not serve_cfg.model:
+        raise ValueError("no model to serve: pass --model DIR or set serve.model")
+    port = ensure_serve(serve_cfg.host, serve_cfg.port)
+    serve.run(app_from_config(serve_cfg), name=name, route_prefix=route_prefix, blocking=False)
+    host = "127.0.0.1" if serve_cfg.host in ("0.0.0.0", "::") else serve_cfg.host
+    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
+
+
+def stop(name: str = APP_NAME) -> None:
+    from ray import serve
+
+    serve.delete(name)
+
+
+def run_serve(cfg: RunConfig, args=None) -> dict:
+    """Serve until interrupted (SIGINT or SIGTERM), then remove the app."""
+    url = start(cfg)
+    kv_table("zhchat serve", {"model": cfg.serve.model, "chat page": url + "/",
+                              "API": url + "/v1/chat/completions", "replicas":
+                              f"{cfg.serve.min_replicas}..{cfg.serve.max_replicas}"})
+    say(f"serving at {url} — Ctrl-C to stop")
+    done = threading.Event()
+    # `serve run`-style scripts can be started in the background where SIGINT is ignored:
+    # SIGTERM must stop us too.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(1.0):
+        pass
+    say("stopping")
+    stop()
+    return {"url": url, "model": cfg.serve.model}

@@ -1,0 +1,140 @@
+"""The model deployment: one Engine per replica, shared by every request it receives.
+
+Requests arrive as plain dicts from the ingress (already validated and filled with the
+server defaults); replies go back as dicts, and client mistakes that only the model side
+can see (a prompt longer than the context) come back as {"error": {...}} rather than as
+exceptions, so the ingress can answer 4xx before it starts a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import replace
+from typing import AsyncIterator
+
+import ray
+from ray import serve
+
+from zhchat.config import ServeConfig
+
+
+def _error(status: int, message: str, param: str | None, code: str) -> dict:
+    return {"error": {"status": status, "message": message, "param": param, "code": code}}
+
+
+@serve.deployment
+class ChatModel:
+    def __init__(self, cfg: dict):
+        import torch
+
+        from zhchat.blocklist import Blocklist
+        from zhchat.generation import Engine
+
+        self.cfg = ServeConfig.model_validate(cfg)
+        if not self.cfg.model:
+            raise ValueError("no model to serve: set serve.model in the config, --model, or ZHCHAT_MODEL")
+        # Ray gives a replica OMP_NUM_THREADS=1 for fractional CPUs; match torch to the CPUs asked for.
+        torch.set_num_threads(max(1, int(round(self.cfg.replica_cpus))))
+        self.engine = Engine.from_pretrained(self.cfg.model, max_batch_size=self.cfg.max_batch_size)
+        self.blocklist = Blocklist.load(self.cfg.blocklist_file)
+        self.engine.check_health()  # warm-up: the first user does not pay for lazy init
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _prepare(self, req: dict):
+        """(prompt ids, SamplingParams) or an error dict naming the field."""
+        from zhchat.dialogue import Message, PromptTooLong
+        from zhchat.generation import SamplingParams
+
+        try:
+            params = SamplingParams(**req["params"])
+        except ValueError as e:
+            return None, None, _error(400, str(e), str(e).split()[0], "invalid_value")
+        try:
+            if req["kind"] == "chat":
+                msgs = [Message(role, content) for role, content in req["messages"]]
+                prompt = self.engine.chat_prompt(msgs, params.max_tokens)
+            else:
+                prompt = self.engine.text_prompt(req["prompt"], params.max_tokens)
+        except PromptTooLong as e:
+            param = "messages" if req["kind"] == "chat" else "prompt"
+            return None, None, _error(400, f"{e}; send fewer tokens or lower max_tokens", param,
+                                      "context_length_exceeded")
+        except ValueError as e:
+            return None, None, _error(400, str(e), "messages", "invalid_value")
+        return prompt, params, None
+
+    def _seeds(self, params):
+        """The params of each attempt: a blocked reply is regenerated with a new seed."""
+        for attempt in range(self.cfg.blocklist_retries + 1 if self.blocklist else 1):
+            seed = None if params.seed is None else params.seed + attempt
+            yield attempt, replace(params, seed=seed)
+
+    def _blocked(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"text": self.cfg.blocked_reply, "finish_reason": "content_filter", "blocked": "replaced",
+                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+
+    # -- request methods --------------------------------------------------------------------------
+    async def generate(self, req: dict) -> dict:
+        prompt, params, err = self._prepare(req)
+        if err:
+            return err
+        used = 0
+        for attempt, sp in self._seeds(params):
+            parts, last = [], None
+            async for d in self.engine.astream(prompt, sp):
+                parts.append(d.text)
+                last = d
+            used += last.completion_tokens
+            text = "".join(parts)
+            if not self.blocklist.match(text):
+                return {"text": text, "finish_reason": last.finish_reason, "prompt_tokens": len(prompt),
+                        "completion_tokens": used, "blocked": "regenerated" if attempt else None}
+        return self._blocked(len(prompt), used)
+
+    async def stream(self, req: dict) -> AsyncIterator[dict]:
+        """Deltas {"text", "finish_reason", ...}; the first item may be an error dict."""
+        from zhchat.blocklist import StreamGuard
+
+        prompt, params, err = self._prepare(req)
+        if err:
+            yield err
+            return
+        if not self.blocklist:
+            async for d in self.engine.astream(prompt, params):
+                yield {"text": d.text, "finish_reason": d.finish_reason,
+                       "prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens}
+            return
+        used = 0
+        for attempt, sp in self._seeds(params):
+            guard, sent = StreamGuard(self.blocklist), False
+            async with contextlib.aclosing(self.engine.astream(prompt, sp)) as deltas:
+                async for d in deltas:
+                    out, blocked = guard.feed(d.text, final=bool(d.finish_reason))
+                    if blocked:
+                        used += d.completion_tokens
+                        break
+                    if out or d.finish_reason:
+                        sent = True
+                        yield {"text": out, "finish_reason": d.finish_reason, "prompt_tokens": len(prompt),
+                               "completion_tokens": used + d.completion_tokens,
+                               "blocked": "regenerated" if attempt and d.finish_reason else None}
+                    if d.finish_reason:
+                        return
+            if sent:  # part of the reply is out already: end it here, flagged
+                yield {"text": "", "finish_reason": "content_filter", "blocked": "cut",
+                       "prompt_tokens": len(prompt), "completion_tokens": used}
+                return
+        yield self._blocked(len(prompt), used)
+
+    async def info(self) -> dict:
+        e = self.engine
+        return {"context_length": e.context_length, "vocab_size": e.vocab_size, "device": str(e.device),
+                "max_batch_size": e.max_batch_size, "stats": dict(e.stats), "pid": os.getpid(),
+                "actor": ray.get_runtime_context().get_actor_name(),
+                "blocklist": bool(self.blocklist)}
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; raising makes it replace the replica."""
+        await asyncio.to_thread(self.engine.check_health, self.cfg.health_check_timeout_s / 2)
