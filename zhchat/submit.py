@@ -55,13 +55,13 @@ def submit(cfg: RunConfig, stage: str, address: str, follow: bool = False, worki
     use_token_auth_if_present()
     client = JobSubmissionClient(address)
     config_yaml = yaml.safe_dump(job_config(cfg), allow_unicode=True, sort_keys=False)
-    entry = f"python -m zhchat.cli {stage} --config env://ZHCHAT_CONFIG"
+    entry = f"python -m zhchat.cli {stage} --config env://ZHCHAT_JOB_CONFIG"
     if stage == "run":
         entry += " --no-serve"  # a batch job ends; serve with a RayService or `zhchat serve`
     job_id = client.submit_job(
         entrypoint=entry,
         runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES,
-                     "env_vars": {"ZHCHAT_CONFIG": config_yaml, "TOKENIZERS_PARALLELISM": "false",
+                     "env_vars": {"ZHCHAT_JOB_CONFIG": config_yaml, "TOKENIZERS_PARALLELISM": "false",
                                   **(extra_env or {})}},
         metadata={"zhchat_stage": stage},
     )
