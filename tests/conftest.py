@@ -38,7 +38,9 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+        # address="local": always a new cluster, even if a `ray start` head left its address
+        # in /tmp/ray (test_submit starts one).
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield ray
     # Left running until the interpreter exits: other session fixtures may still need it.
 

@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", dest="pretrained_tokenizer", help="Use this tokenizer (path or hub id)")
     p.add_argument("--vocab-size", type=int)
     p.add_argument("--context-length", type=int)
+    p.add_argument("--force", action="store_true", default=None, help="Redo the work even if the manifest says it is done")
 
     p = sub.add_parser("train", help="Train GPT-2 on Ray Train")
     _common(p)
@@ -121,7 +122,7 @@ def overrides_from_args(a: argparse.Namespace) -> dict[str, Any]:
         "preprocess": {
             "in": g("input"), "out": g("out") if a.command == "preprocess" else None,
             "tokenizer": {"pretrained": g("pretrained_tokenizer"), "vocab_size": g("vocab_size")},
-            "format": {"context_length": g("context_length")},
+            "format": {"context_length": g("context_length")}, "force": g("force"),
         },
         "train": {"data": g("data") if a.command == "train" else None,
                   "out": g("out") if a.command == "train" else None,

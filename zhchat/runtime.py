@@ -23,6 +23,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     ray.init(
+        address="local",  # start one; never attach to a stale `ray start` left on the machine
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
         include_dashboard=cfg.include_dashboard,

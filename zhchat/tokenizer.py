@@ -21,6 +21,8 @@ def load_tokenizer(path_or_id: str, context_length: int | None = None):
     if not getattr(tok, "is_fast", False) or not hasattr(tok, "backend_tokenizer"):
         raise ValueError(f"tokenizer at {path_or_id!r} is not a fast (tokenizers-backed) tokenizer")
     add_dialogue_tokens(tok)
+    # Byte-level decoding is exact; the "cleanup" would change spaces around punctuation.
+    tok.clean_up_tokenization_spaces = False
     if context_length is not None:
         # The saved default is ~1e30; set it so truncation warnings mean something.
         tok.model_max_length = context_length

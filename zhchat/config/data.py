@@ -56,9 +56,9 @@ DEFAULT_RULES: list[tuple[str, str]] = [
     (r"噢{2,}", "噢"),
     (r"哇{3,}", "哇"),
     (r"[唉哎]{3,}", "唉"),
-    # punctuation runs (after NFKC: ～ is ~, ！ is !, …… is ......)
-    (r"~{2,}", "~"),
-    (r"[。.]{3,}|。{2,}|…{2,}", "…"),
+    # punctuation runs keep their first character (full-width ，。！？～… survive NFKC)
+    (r"([~～])[~～]+", r"\1"),
+    (r"(?<=[^\x00-\x7f])\.{3,}|。{2,}|…{3,}", "……"),    # the Chinese ellipsis is ……; "wait..." stays
     (r"([!！])[!！]+", r"\1"),
     (r"([?？])[?？]+", r"\1"),
 ]
