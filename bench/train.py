@@ -1,0 +1,179 @@
+"""Training throughput: the project's Ray Train path against a bare PyTorch loop.
+
+Both train the same GPT-2 preset on the same synthetic packed-text shards (every row
+exactly context_length tokens), with the same batch, optimizer, precision (fp32) and thread
+count. First the fp32 matmul peak of this machine is measured with that thread count;
+achieved FLOP/s uses 6·N + 12·L·d·T FLOPs per token (weights + attention).
+
+    python bench/train.py            # small preset, 50 timed steps (run on a quiet machine)
+    python bench/train.py --quick    # smoke run only: a few steps at a tiny size
+
+Prints tokens/s of each path, their ratio (target >= 0.95) and FLOP/s against the measured
+peak (target >= 50%); the last line is one JSON object {"ratio": ..., "mfu": ..., ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def matmul_peak(threads: int, n: int, seconds: float) -> float:
+    """Best fp32 GEMM FLOP/s over repeated n x n products."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def make_data(root: str, vocab_size: int, context: int, rows: int, seed: int = 0) -> str:
+    """A preprocess-shaped folder: a real BPE tokenizer trained on random CJK text and
+    packed rows of random ids (labels = input_ids, as packed text has)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from zhchat.dialogue import EOS, SPECIAL_TOKENS
+
+    rng = np.random.default_rng(seed)
+    chars = [chr(c) for c in rng.integers(0x4E00, 0x4E00 + 3000, size=400_000)]
+    text = ["".join(chars[i:i + 200]) for i in range(0, len(chars), 200)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                      show_progress=False))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS,
+                                 additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=context)
+    hf.save_pretrained(os.path.join(root, "tokenizer"))
+    v = len(hf)
+    for split, n in (("train", rows), ("validation", 16)):
+        ids = rng.integers(len(SPECIAL_TOKENS), v, size=(n, context)).astype(np.int32)
+        d = os.path.join(root, "tokens", split)
+        os.makedirs(d, exist_ok=True)
+        col = pa.array(list(ids), pa.list_(pa.int32()))
+        pq.write_table(pa.table({"input_ids": col, "labels": col}), os.path.join(d, "part-00000.parquet"))
+    with open(os.path.join(root, "manifest.json"), "w") as f:
+        json.dump({"config": {"format": {"context_length": context, "loss_on": "all"}}}, f)
+    return root
+
+
+def bare_loop(data: str, preset: str, context: int, batch: int, micro: int, steps: int, warmup: int,
+              threads: int, lr: float) -> tuple[float, int]:
+    """(tokens/s, params) of a plain single-process loop: same model, optimizer and batches."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipelines.train.loop import lr_lambda, make_optimizer, token_nll
+    from pipelines.train.model import SpecialIds, build_model, count_params
+    from zhchat.tokenizer import load_tokenizer
+
+    torch.set_num_threads(threads)
+    tok = load_tokenizer(os.path.join(data, "tokenizer"))
+    torch.manual_seed(0)
+    model = build_model(preset, len(tok), context, SpecialIds.of(tok))
+    model.train()
+    opt = make_optimizer(model, lr, 0.1, torch.device("cpu"))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, 2, steps + warmup, 0.1))
+    table = pq.read_table(os.path.join(data, "tokens", "train"))
+    ids = torch.tensor(table.column("input_ids").to_pylist(), dtype=torch.long)  # [rows, T]
+    n_rows = ids.shape[0]
+    t0, tokens = None, 0
+    for step in range(steps + warmup):
+        if step == warmup:
+            t0, tokens = time.perf_counter(), 0
+        start = (step * batch) % (n_rows - batch + 1)
+        x = ids[start:start + batch]
+        n_targets = x[:, 1:].numel()
+        for m in range(0, batch, micro):
+            (token_nll(model, x[m:m + micro], x[m:m + micro]) / n_targets).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += x.numel()
+    return tokens / (time.perf_counter() - t0), count_params(model)
+
+
+def ray_path(data: str, out: str, preset: str, batch: int, micro: int, steps: int, warmup: int,
+             threads: int, lr: float) -> float:
+    """tokens/s of `zhchat train` with one worker, from its logged windows after warm-up."""
+    from pipelines.train import train
+    from zhchat.config import load_config
+
+    cfg = load_config(None, {"train": {
+        "data": data, "out": out, "name": f"bench-{int(time.time())}", "preset": preset,
+        "max_steps": steps + warmup, "global_batch_size": batch, "micro_batch_size": micro, "lr": lr,
+        "warmup_steps": 2, "log_every": warmup, "checkpoint_every": steps + warmup, "torch_threads": threads,
+        "num_workers": 1, "shuffle_buffer": 0, "max_failures": 0}}).resolved()
+    summary = train(cfg)
+    rows = [json.loads(line) for line in open(summary["metrics"]) if '"kind": "train"' in line]
+    timed = [r for r in rows if r["step"] > warmup]
+    # windows are equal-sized (log_every = warmup divides steps): average their rates by time
+    return len(timed) / sum(1 / r["tokens_per_s"] for r in timed)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, a few steps")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--micro", type=int, default=8)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--vocab", type=int, default=8000)
+    a = p.parse_args()
+    if a.quick:
+        a.context, a.batch, a.micro, a.steps, a.warmup, a.vocab = 64, 4, 4, 4, 2, 2000
+    lr = 1e-3
+
+    import ray
+
+    from pipelines.train.model import PRESETS
+
+    peak = matmul_peak(a.threads, 512 if a.quick else 2048, 1.0 if a.quick else 5.0)
+    print(f"fp32 matmul peak ({a.threads} threads): {peak / 1e9:,.1f} GFLOP/s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="zhchat-bench-") as tmp:
+        data = make_data(os.path.join(tmp, "data"), a.vocab, a.context, rows=max(64, a.batch * (a.steps + a.warmup)))
+        bare_tps, n_params = bare_loop(data, a.preset, a.context, a.batch, a.micro, a.steps, a.warmup, a.threads, lr)
+        print(f"bare PyTorch loop: {bare_tps:,.0f} tokens/s", flush=True)
+        ray.init(num_cpus=max(2, a.threads), include_dashboard=False, logging_level="WARNING")
+        ray_tps = ray_path(data, os.path.join(tmp, "runs"), a.preset, a.batch, a.micro, a.steps, a.warmup,
+                           a.threads, lr)
+        ray.shutdown()
+    c = PRESETS[a.preset]
+    fpt = 6 * n_params + 12 * c["n_layer"] * c["n_embd"] * a.context
+    result = {
+        "ratio": ray_tps / bare_tps, "mfu": fpt * ray_tps / peak,
+        "ray_tokens_per_s": ray_tps, "bare_tokens_per_s": bare_tps, "bare_mfu": fpt * bare_tps / peak,
+        "achieved_gflops": fpt * ray_tps / 1e9, "matmul_peak_gflops": peak / 1e9, "params": n_params,
+        "preset": a.preset, "context": a.context, "batch": a.batch, "threads": a.threads, "steps": a.steps,
+        "quick": a.quick,
+    }
+    print(f"Ray Train path:    {ray_tps:,.0f} tokens/s  (ratio {result['ratio']:.3f}, target >= 0.95)")
+    print(f"achieved {result['achieved_gflops']:,.1f} GFLOP/s = {100 * result['mfu']:.1f}% of the measured "
+          f"matmul peak (target >= 50%)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Checkpoints: Hugging Face model + tokenizer, plus the state needed to resume exactly.
+
+A checkpoint folder loads with plain transformers (`AutoModelForCausalLM.from_pretrained`,
+`AutoTokenizer.from_pretrained`); `trainer_state.pt` adds optimizer, scheduler, step,
+data position and RNG states. Folders are written to a local temp dir and handed to
+`ray.train.report`, which uploads them and only then registers them, so a crash mid-write
+never leaves a checkpoint that Ray (or resume) would use.
+
+Run folder layout and the `latest.json` pointers are described in zhchat/checkpoints.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import time
+
+import numpy as np
+import torch
+
+from zhchat.checkpoints import POINTER, is_checkpoint, read_pointer, resolve_checkpoint  # noqa: F401 (re-export)
+from zhchat.dialogue import END
+from zhchat.storage import write_text
+
+STATE_FILE = "trainer_state.pt"
+INFO_FILE = "zhchat.json"
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """Zero-padded so that sorting names sorts by step."""
+    return f"checkpoint_step{step:07d}"
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(path: str, model, tokenizer, optimizer, scheduler, state: dict, info: dict) -> None:
+    """Write one checkpoint folder (rank 0; the model is replicated under DDP)."""
+    os.makedirs(path, exist_ok=True)
+    # Replies end at <|end|>; plain `model.generate` then stops where zhchat's engine does.
+    end_id = tokenizer.convert_tokens_to_ids(END)
+    gen = model.generation_config
+    gen.eos_token_id = [end_id, tokenizer.eos_token_id] if end_id is not None else tokenizer.eos_token_id
+    gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    gen.bos_token_id = tokenizer.eos_token_id
+    model.config.use_cache = True  # for inference; training turns it off again
+    model.save_pretrained(path)
+    model.config.use_cache = False
+    tokenizer.save_pretrained(path)
+    torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_states()}, os.path.join(path, STATE_FILE))
+    with open(os.path.join(path, INFO_FILE), "w", encoding="utf-8") as f:
+        json.dump({**info, "step": state["step"], "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, f,
+                  ensure_ascii=False, indent=1, default=str)
+
+
+def load_state(path: str) -> dict:
+    """trainer_state.pt of a checkpoint folder (optimizer/scheduler state dicts, step, epoch, rng)."""
+    file = os.path.join(path, STATE_FILE)
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{path} has no {STATE_FILE}: it is a model checkpoint, not a resumable one")
+    # weights_only=False: the state holds Python RNG tuples and numpy arrays (our own files).
+    return torch.load(file, map_location="cpu", weights_only=False)
+
+
+# -- run folders (driver side) ---------------------------------------------------------------
+
+
+def run_name(train_cfg, data_dir: str) -> str:
+    """The given name, else '<preset or model>-<data folder>-<hash of what defines the run>'.
+
+    max_steps is left out of the hash so that raising it continues the same run.
+    """
+    if train_cfg.name:
+        return train_cfg.name
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", os.path.basename(train_cfg.init_from.rstrip("/"))) if train_cfg.init_from else train_cfg.preset
+    key = train_cfg.model_dump(mode="json", exclude={"name", "out", "max_steps", "num_workers", "min_workers",
+                                                      "cpus_per_worker", "torch_threads", "max_failures",
+                                                      "log_every", "checkpoint_every", "keep_last"})
+    key["data"] = os.path.abspath(data_dir) if "://" not in data_dir else data_dir
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:6]
+    data_name = re.sub(r"[^A-Za-z0-9_.-]+", "-", os.path.basename(data_dir.rstrip("/")) or "data")
+    return f"{base}-{data_name}-{digest}"
+
+
+def finished_step(run_dir: str) -> int | None:
+    """The step a finished run ended at (from its latest.json), or None if not finished."""
+    pointer = read_pointer(run_dir)
+    if pointer and pointer.get("status") == "finished":
+        return int(pointer.get("step", 0))
+    return None
+
+
+def write_pointers(out_dir: str, name: str, run_pointer: dict) -> None:
+    """OUT/NAME/latest.json (the run) and OUT/latest.json (which run finished last)."""
+    sep = "/" if "://" in out_dir else os.sep
+    run_dir = out_dir.rstrip("/") + sep + name
+    write_text(run_dir + sep + POINTER, json.dumps(run_pointer, ensure_ascii=False, indent=1, default=str))
+    write_text(out_dir.rstrip("/") + sep + POINTER,
+               json.dumps({"run": name, "best_checkpoint_path": run_pointer.get("best_checkpoint_path")},
+                          ensure_ascii=False, indent=1))

@@ -1,0 +1,141 @@
+"""Training data: the preprocess output folder, Ray Data readers, and batch collation.
+
+DATA/tokens/{split}/*.parquet rows hold `input_ids` and `labels` (HF convention: aligned,
+-100 where there is no loss; the shift happens in the loss). Rows are variable length
+(dialogues) or exactly context_length (packed text).
+
+The order a worker sees is deterministic given (seed, epoch, rank): Ray Data reads files
+in order (preserve_order, set by the trainer), the streaming split hands blocks to the
+worker with the fewest rows so far, and a seeded local shuffle buffer mixes them. Resume
+replays that order and skips the batches already trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+
+from zhchat.dialogue import IGNORE_INDEX
+from zhchat.storage import exists, read_text
+
+SPLITS = ("train", "validation", "test")
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts]) if "://" in base else os.path.join(base, *parts)
+
+
+def split_dir(data_dir: str, split: str, kind: str = "tokens") -> str:
+    return _join(data_dir, kind, split)
+
+
+def load_manifest(data_dir: str) -> dict:
+    """DATA/manifest.json, with clear errors when the folder is not a preprocess output."""
+    text = read_text(_join(data_dir, "manifest.json"))
+    if text is None:
+        raise FileNotFoundError(
+            f"{data_dir} has no manifest.json: it is not a folder written by `zhchat preprocess` "
+            "(run preprocess first, or point --data at its --out folder)"
+        )
+    manifest = json.loads(text)
+    for what in ("tokenizer/tokenizer.json", "tokens/train"):
+        if not exists(_join(data_dir, *what.split("/"))):
+            raise FileNotFoundError(f"{data_dir} is missing {what}; re-run `zhchat preprocess`")
+    return manifest
+
+
+def manifest_format(manifest: dict) -> dict:
+    """The dialogue-format section of the preprocess config recorded in the manifest
+    (found under `config`, `preprocess`, or at the top)."""
+    for section in (manifest.get("config"), manifest.get("preprocess"), manifest):
+        if isinstance(section, dict):
+            if isinstance(section.get("format"), dict):
+                return section["format"]
+            if section.get("context_length"):
+                return {"context_length": section["context_length"]}
+    return {}
+
+
+def context_length(manifest: dict) -> int:
+    value = manifest_format(manifest).get("context_length")
+    if not value:
+        raise ValueError("manifest.json has no format.context_length; re-run `zhchat preprocess`")
+    return int(value)
+
+
+def read_split(data_dir: str, split: str, kind: str = "tokens", columns: list[str] | None = None):
+    """A Ray Dataset over one split's Parquet files (local path or cloud URI)."""
+    import ray
+
+    path = split_dir(data_dir, split, kind)
+    if not exists(path):
+        raise FileNotFoundError(f"{path} does not exist; re-run `zhchat preprocess`")
+    # Reading is I/O-light: a fraction of a CPU per read task keeps it schedulable next to
+    # training workers that hold whole CPUs (the 2-CPU deadlock in RAY_NOTES).
+    return ray.data.read_parquet(path, columns=columns or ["input_ids", "labels"], num_cpus=0.25)
+
+
+# -- plain functions on batches ----------------------------------------------------------------
+
+
+def collate(batch: dict, pad_id: int) -> dict:
+    """Rows of ragged `input_ids`/`labels` -> right-padded int64 arrays [B, T], T = longest row.
+
+    Padding gets label -100. No attention mask is needed: padding is on the right and
+    attention is causal, so real tokens never see it.
+    """
+    ids, labels = batch["input_ids"], batch["labels"]
+    if len(ids) == 0:
+        raise ValueError("empty batch")
+    lengths = [len(x) for x in ids]
+    for i, (a, b) in enumerate(zip(ids, labels)):
+        if len(a) != len(b):
+            raise ValueError(f"row {i}: input_ids has {len(a)} tokens but labels {len(b)}")
+    t = max(lengths)
+    out_ids = np.full((len(ids), t), pad_id, dtype=np.int64)       # [B, T]
+    out_labels = np.full((len(ids), t), IGNORE_INDEX, dtype=np.int64)  # [B, T]
+    for i, (a, b) in enumerate(zip(ids, labels)):
+        out_ids[i, : len(a)] = a
+        out_labels[i, : len(b)] = b
+    return {"input_ids": out_ids, "labels": out_labels, "lengths": np.asarray(lengths, dtype=np.int64)}
+
+
+def count_targets(labels: np.ndarray) -> int:
+    """Tokens that carry loss after the shift (labels[:, 1:] != -100)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def micro_batches(batch: dict, micro: int) -> list[dict]:
+    """Split a collated step batch into chunks of at most `micro` rows, each cut to its longest row.
+
+    Rows are grouped by length first: the step's gradient is a sum over its rows, so the
+    grouping changes nothing but the padding computed.
+    """
+    order = np.argsort(batch["lengths"], kind="stable")
+    out = []
+    for s in range(0, len(order), micro):
+        rows = order[s : s + micro]
+        width = int(batch["lengths"][rows].max())
+        out.append({k: batch[k][rows, :width] for k in ("input_ids", "labels")})
+    return out
+
+
+def epoch_batches(shard, epoch: int, seed: int, rank: int, batch_size: int, shuffle_buffer: int,
+                  skip: int = 0, prefetch: int = 2) -> Iterator[dict]:
+    """One epoch of a worker's step batches (ragged numpy rows), first `skip` dropped.
+
+    drop_last keeps every worker's number of steps per epoch equal (the streaming split
+    gives each the same row count), so DDP never waits for a worker that ran out.
+    """
+    kwargs = {}
+    if shuffle_buffer > 0:
+        kwargs = dict(local_shuffle_buffer_size=max(shuffle_buffer, batch_size),
+                      local_shuffle_seed=(seed * 1_000_003 + epoch * 1_009 + rank) % (2**31))
+    it = shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                            prefetch_batches=prefetch, **kwargs)
+    for i, batch in enumerate(it):
+        if i >= skip:
+            yield batch

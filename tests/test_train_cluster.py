@@ -1,0 +1,106 @@
+"""A simulated two-node cluster (ray.cluster_utils.Cluster) loses a node mid-run.
+
+The cluster is its own Ray instance, so the run happens in a child process (this file run
+as a script) and never touches the session cluster of the other tests. Elastic training
+(min_workers=1, num_workers=2): the run starts with 2 workers on worker nodes of 3 CPUs
+(the head has none, so training lands on the nodes; a spare CPU per node keeps Ray Data's
+readers schedulable, see RAY_NOTES). After the first checkpoint is registered the node of
+rank 0 is removed, and the run must finish from that checkpoint on what is left, with the
+global batch unchanged whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1300)
+def test_losing_a_node_resumes_from_checkpoint(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=1200)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-4000:] + proc.stderr[-4000:]
+    r = json.loads(lines[-1][len("RESULT "):])
+    assert r["removed_node"], r
+    assert r["summary"]["step"] == r["max_steps"]
+    assert r["summary"]["final_metrics"]["start_step"] > 0  # restarted from a checkpoint, not from 0
+    starts = [e for e in r["events"] if e["event"] in ("start", "resume")]
+    assert starts[0]["world_size"] == 2 and starts[0]["per_worker_batch"] == 4
+    # Every attempt trains on the same global batch, whatever the worker count.
+    assert all(e["world_size"] * e["per_worker_batch"] == 8 for e in starts)
+
+
+def _child(tmp: str) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    sys.path.insert(0, HERE)
+    from test_train_data import build_data_dir
+
+    from zhchat.config import load_config
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=3) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+
+    from pipelines.train import train
+
+    data = build_data_dir(os.path.join(tmp, "data"))
+    out = os.path.join(tmp, "runs")
+    max_steps = 16
+    cfg = load_config(None, {"train": {
+        "data": data, "out": out, "name": "elastic", "preset": "tiny", "global_batch_size": 8, "micro_batch_size": 4,
+        "max_steps": max_steps, "checkpoint_every": 4, "log_every": 2, "num_workers": 2, "min_workers": 1,
+        "max_failures": 3, "warmup_steps": 2}}).resolved()
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["summary"] = train(cfg, debug={"sleep_per_step": 1.0})
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            result["error"] = repr(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    run_dir = os.path.join(out, "elastic")
+    removed = None
+    deadline = time.time() + 900
+    # add_node/remove_node must run on the main thread; fit() runs in the other one.
+    while t.is_alive() and time.time() < deadline and removed is None:
+        time.sleep(0.5)
+        snap = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        if not (os.path.exists(snap) and os.path.exists(metrics)):
+            continue
+        if "checkpoint_step" not in open(snap).read():
+            continue
+        start = [json.loads(ln) for ln in open(metrics) if '"start"' in ln]
+        node_id = start[0]["node_id"]
+        victim = next((n for n in nodes if n.node_id == node_id), None)
+        if victim is not None:
+            cluster.remove_node(victim)
+            removed = node_id
+    t.join(timeout=max(1, deadline - time.time()))
+    events = [json.loads(ln) for ln in open(os.path.join(run_dir, "metrics.jsonl")) if '"event"' in ln]
+    print("RESULT " + json.dumps({"removed_node": removed, "max_steps": max_steps, "events": events, **result},
+                                 default=str), flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+    if "error" in result:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])
