@@ -76,12 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--num-workers", type=int)
     p.add_argument("--min-workers", type=int)
+    p.add_argument("--global-batch-size", type=int)
+    p.add_argument("--micro-batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--use-gpu", choices=["auto", "yes", "no"])
 
     p = sub.add_parser("eval", help="Perplexity, BLEU, distinct-n and sample replies")
     _common(p)
     p.add_argument("--model")
     p.add_argument("--data")
     p.add_argument("--json", action="store_true", help="Also print the JSON report to stdout")
+    p.add_argument("--max-samples", type=int, help="Test contexts to generate replies for")
 
     p = sub.add_parser("serve", help="Serve the chat app (OpenAI-style API and web page)")
     _common(p)
@@ -127,9 +134,12 @@ def overrides_from_args(a: argparse.Namespace) -> dict[str, Any]:
         "train": {"data": g("data") if a.command == "train" else None,
                   "out": g("out") if a.command == "train" else None,
                   "name": g("name"), "preset": g("preset"), "init_from": g("init_from"),
-                  "max_steps": g("max_steps"), "num_workers": g("num_workers"), "min_workers": g("min_workers")},
+                  "max_steps": g("max_steps"), "num_workers": g("num_workers"), "min_workers": g("min_workers"),
+                  "global_batch_size": g("global_batch_size"), "micro_batch_size": g("micro_batch_size"),
+                  "lr": g("lr"), "checkpoint_every": g("checkpoint_every"), "seed": g("seed"),
+                  "use_gpu": g("use_gpu")},
         "eval": {"model": g("model") if a.command == "eval" else None,
-                 "data": g("data") if a.command == "eval" else None},
+                 "data": g("data") if a.command == "eval" else None, "max_samples": g("max_samples")},
         "serve": {"model": g("model") if a.command in ("serve", "chat") else None,
                   "host": g("host"), "port": g("port")},
     }

@@ -37,10 +37,11 @@ def sample_files() -> list[str]:
     return sorted(str(p) for p in root.iterdir() if p.is_file() and not p.name.endswith(".md"))
 
 
-def embedded_default(cfg: RunConfig, has_config: bool) -> RunConfig:
-    """With no config file and no inputs: the bundled sample corpus, sized for a laptop CPU."""
-    if has_config or cfg.ingest.inputs or cfg.crawl.seeds:
+def embedded_default(cfg: RunConfig) -> RunConfig:
+    """With no inputs and no crawl seeds: the bundled sample corpus."""
+    if cfg.ingest.inputs or cfg.crawl.seeds:
         return cfg
+    say("no ingest inputs or crawl seeds given: using the bundled sample corpus")
     data = cfg.model_dump(by_alias=True)
     data["ingest"]["inputs"] = sample_files()
     return RunConfig.model_validate(data).resolved()
@@ -73,8 +74,7 @@ def run_all(cfg: RunConfig, args: argparse.Namespace) -> dict:
     from .cli import resolve_stage
     from .runtime import init_ray
 
-    has_config = bool(getattr(args, "config", None) or getattr(args, "config_file", None))
-    cfg = embedded_default(cfg, has_config)
+    cfg = embedded_default(cfg)
     init_ray(cfg.ray)
     marks = f"{cfg.workdir.rstrip('/')}/.stages"
     done: dict[str, str] = {}

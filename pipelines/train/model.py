@@ -12,7 +12,7 @@ from dataclasses import dataclass
 # n_layer x n_embd, n_head; parameter counts are for a vocabulary of 8,000 and 256 positions.
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(n_layer=2, n_embd=64, n_head=2),          # tests: ~0.6M
-    "small": dict(n_layer=6, n_embd=384, n_head=6),        # CPU quickstart: ~13.8M
+    "small": dict(n_layer=4, n_embd=256, n_head=4),        # CPU quickstart: ~5.2M
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12),       # GPT-2 124M shapes
     "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16),  # GPT-2 355M shapes
 }

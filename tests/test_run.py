@@ -1,0 +1,51 @@
+"""`zhchat run` on the embedded default (bundled sample corpus), sized down for CI, and a
+rerun that skips every finished stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from zhchat.cli import main
+from zhchat.run import sample_files
+
+pytestmark = pytest.mark.slow
+
+
+def test_sample_corpus_ships_in_several_formats():
+    names = {Path(p).name for p in sample_files()}
+    assert len(names) >= 5 and not any(n.endswith(".md") for n in names)
+
+
+def test_run_embedded_default_end_to_end_then_skip(ray_cluster, tmp_path, capsys):
+    cfg = tmp_path / "small.yaml"
+    # Only sizes change: the inputs are the embedded default (no ingest inputs given).
+    cfg.write_text(
+        f"workdir: {tmp_path / 'w'}\n"
+        "train: {preset: tiny, max_steps: 12, checkpoint_every: 6, global_batch_size: 8, micro_batch_size: 8,"
+        " cpus_per_worker: 1}\n"
+        "eval: {max_samples: 8, max_new_tokens: 8}\n",
+        encoding="utf-8",
+    )
+    assert main(["run", str(cfg), "--no-serve"]) == 0
+    w = tmp_path / "w"
+    marks = {p.stem: json.loads(p.read_text()) for p in (w / ".stages").glob("*.json")}
+    assert set(marks) == {"ingest", "preprocess", "train", "eval"}
+    kept = pq.read_table(w / "ingest" / "dialogues").num_rows
+    assert kept == marks["ingest"]["summary"]["totals"]["kept"] > 1000
+    manifest = json.loads((w / "data" / "manifest.json").read_text())
+    assert (w / "data" / "tokenizer" / "tokenizer.json").exists() and manifest
+    report = marks["eval"]["summary"]
+    for key in ("perplexity", "unigram_perplexity", "bleu2", "bleu4", "distinct1", "distinct2", "tokens"):
+        assert key in report
+    err = capsys.readouterr().err
+    assert "loss curve" in err and "eval report" in err
+
+    # A rerun with the same inputs and config does no work.
+    assert main(["run", str(cfg), "--no-serve"]) == 0
+    err = capsys.readouterr().err
+    for stage in ("ingest", "preprocess", "train", "eval"):
+        assert f"{stage}: outputs are complete" in err
