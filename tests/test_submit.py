@@ -44,7 +44,9 @@ def head_node(tmp_path_factory):
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            if httpx.get(f"{address}/api/version", timeout=2).status_code == 200:
+            # 401 is an answer too: with ~/.ray/auth_token present (any earlier ray.init()
+            # writes it) the head starts with token authentication on.
+            if httpx.get(f"{address}/api/version", timeout=2).status_code in (200, 401):
                 break
         except httpx.HTTPError:
             pass

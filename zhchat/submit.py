@@ -44,8 +44,17 @@ def use_token_auth_if_present() -> None:
     """Ray 2.60 turns token auth on for local clusters and writes ~/.ray/auth_token; a job
     client must then send it. Do what `ray` itself does for a client: use the token if one
     exists and the user has not chosen a mode. Never switch authentication off."""
-    if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
-        os.environ["RAY_AUTH_MODE"] = "token"
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:  # Ray's own helper also refreshes its cached config in this process
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    except ImportError:
+        if (Path.home() / ".ray" / "auth_token").exists():
+            os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def submit(cfg: RunConfig, stage: str, address: str, follow: bool = False, working_dir: Path = PROJECT_ROOT,
