@@ -44,10 +44,20 @@ def start(cfg: RunConfig | ServeConfig, name: str = APP_NAME, route_prefix: str 
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 
-def stop(name: str = APP_NAME) -> None:
+def stop(name: str = APP_NAME, wait_s: float | None = None) -> None:
+    """Delete the app. With wait_s, wait at most that long: a blocking delete was seen to
+    hang after SIGTERM, which left `zhchat serve` running after "stopping"."""
     from ray import serve
 
-    serve.delete(name)
+    if wait_s is None:
+        serve.delete(name)
+        return
+    import time
+
+    serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and name in serve.status().applications:
+        time.sleep(0.5)
 
 
 def run_serve(cfg: RunConfig, args=None) -> dict:
@@ -65,5 +75,5 @@ def run_serve(cfg: RunConfig, args=None) -> dict:
     while not done.wait(1.0):
         pass
     say("stopping")
-    stop()
+    stop(wait_s=30)
     return {"url": url, "model": cfg.serve.model}
