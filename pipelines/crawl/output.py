@@ -25,21 +25,13 @@ import pyarrow.parquet as pq
 from zhchat.config import is_uri
 from zhchat.tables import DIALOGUE_SCHEMA, dialogue_row
 
-PAGES_SCHEMA = pa.schema([
-    ("url", pa.string()),
-    ("final_url", pa.string()),
-    ("depth", pa.int32()),
-    ("status", pa.int32()),
-    ("outcome", pa.string()),
-    ("content_type", pa.string()),
-    ("charset", pa.string()),
-    ("charset_declared", pa.string()),
-    ("charset_mismatch", pa.bool_()),
-    ("fetched_at", pa.timestamp("ms", tz="UTC")),
-    ("bytes", pa.int64()),
-    ("text", pa.string()),
-    ("links", pa.list_(pa.string())),
-])
+from .process import RESULT_SCHEMA
+
+# The pages table is the fetch result minus what goes to the dialogue and errors tables.
+PAGES_SCHEMA = pa.schema([RESULT_SCHEMA.field(name) for name in (
+    "url", "final_url", "depth", "status", "outcome", "content_type", "charset", "charset_declared",
+    "charset_mismatch", "fetched_at", "bytes", "text", "links",
+)])
 
 ERRORS_SCHEMA = pa.schema([
     ("url", pa.string()),
