@@ -28,6 +28,7 @@ from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
+from .runtime import autocast_dtype, best_device
 from .dialogue import SPECIAL_TOKENS, DialogueFormat, Message, PromptTooLong
 
 __all__ = [
@@ -228,7 +229,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, context_length: int | None = None,
                  max_batch_size: int = 16, device: str | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device or best_device())
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
@@ -259,11 +260,9 @@ class Engine:
         from .tokenizer import load_tokenizer
 
         local = local_checkpoint(path)
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dev = device or best_device()
         # bf16 on GPUs that have it (fp16 otherwise); fp32 on CPU where bf16 is slower.
-        dtype = torch.float32
-        if dev.startswith("cuda"):
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = autocast_dtype(dev) or torch.float32
         model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype)
         tok = load_tokenizer(local)
         if len(tok) > model.config.vocab_size:

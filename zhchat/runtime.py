@@ -47,6 +47,7 @@ def autocast_dtype(device: str, precision: str = "auto"):
     """bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU (bf16 is slower there)."""
     import torch
 
+    device = device.split(":")[0]  # "cuda:1" is a CUDA device too
     if precision == "fp32" or (precision == "auto" and device != "cuda"):
         return None
     if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
