@@ -91,6 +91,13 @@ class DialogueFormat:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def _encoded_parts(self, messages: Sequence[Message]):
+        """(the first system message, the other messages), each paired with its token ids."""
+        contents = self.encode_texts([m.content for m in messages])
+        pairs = list(zip(messages, contents))
+        system = [(m, c) for m, c in pairs if m.role == "system"][:1]
+        return system, [(m, c) for m, c in pairs if m.role != "system"]
+
     # -- training -------------------------------------------------------------------------
     def _trainable(self, role: Role) -> bool:
         return role == "assistant" or (self.loss_on == "all" and role == "user")
@@ -100,9 +107,7 @@ class DialogueFormat:
 
         If even the last message does not fit, its content is cut at the end.
         """
-        contents = self.encode_texts([m.content for m in messages])
-        system = [(m, c) for m, c in zip(messages, contents) if m.role == "system"][:1]
-        turns = [(m, c) for m, c in zip(messages, contents) if m.role != "system"]
+        system, turns = self._encoded_parts(messages)
         budget = self.context_length - 1  # the leading <|endoftext|>
         head: list[tuple[Message, list[int]]] = []
         if system and len(system[0][1]) + 2 <= budget // 2:  # a system prompt may take half
@@ -149,9 +154,7 @@ class DialogueFormat:
         if not messages or messages[-1].role != "user":
             raise ValueError("the last message must be from the user")
         budget = self.context_length - max_new_tokens - 2  # <|endoftext|> and <|assistant|>
-        contents = self.encode_texts([m.content for m in messages])
-        system = [(m, c) for m, c in zip(messages, contents) if m.role == "system"][:1]
-        turns = [(m, c) for m, c in zip(messages, contents) if m.role != "system"]
+        system, turns = self._encoded_parts(messages)
         kept: list[tuple[Message, list[int]]] = []
         for m, c in reversed(turns):
             need = len(c) + 2
