@@ -73,6 +73,35 @@ def test_job_config_makes_local_paths_absolute(tmp_path, monkeypatch):
     assert data["ray"]["address"] is None
 
 
+class _AgentNotReadyThen:
+    """Stands in for the job client only to drive the retry rule; the real head is below."""
+
+    def __init__(self, failures: int, message: str):
+        self.failures, self.message, self.calls = failures, message, 0
+
+    def submit_job(self, **job):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RuntimeError(f"Request failed with status code 500: {self.message}.")
+        return "raysubmit_ok"
+
+
+def test_submit_waits_for_the_job_agent_but_not_for_other_errors(monkeypatch):
+    from zhchat import submit as submit_mod
+
+    monkeypatch.setattr(submit_mod.time, "sleep", lambda s: None)
+    client = _AgentNotReadyThen(2, "No available agent to submit job, please try again later")
+    assert submit_mod._submit_when_agent_ready(client, entrypoint="x") == "raysubmit_ok"
+    assert client.calls == 3
+    other = _AgentNotReadyThen(1, "Runtime env setup failed")
+    with pytest.raises(RuntimeError, match="Runtime env"):
+        submit_mod._submit_when_agent_ready(other, entrypoint="x")
+    assert other.calls == 1
+    stuck = _AgentNotReadyThen(10**6, "No available agent to submit job")
+    with pytest.raises(RuntimeError, match="No available agent"):
+        submit_mod._submit_when_agent_ready(stuck, wait_s=0.0, entrypoint="x")
+
+
 def test_submit_ingest_job_runs_on_head(head_node, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 

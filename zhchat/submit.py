@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import yaml
@@ -20,6 +21,7 @@ from .report import say
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXCLUDES = [".git", "zhchat-run", "**/__pycache__", "*.egg-info", ".pytest_cache", "bench/out", "**/*.parquet",
             "**/*.safetensors", ".venv"]
+AGENT_WAIT_S = 60.0
 PATH_FIELDS = {"workdir": None, "ingest": ("out",), "crawl": ("out",), "preprocess": ("in", "out"),
                "train": ("data", "out"), "eval": ("model", "data"), "serve": ("model",)}
 
@@ -67,7 +69,8 @@ def submit(cfg: RunConfig, stage: str, address: str, follow: bool = False, worki
     entry = f"python -m zhchat.cli {stage} --config env://ZHCHAT_JOB_CONFIG"
     if stage == "run":
         entry += " --no-serve"  # a batch job ends; serve with a RayService or `zhchat serve`
-    job_id = client.submit_job(
+    job_id = _submit_when_agent_ready(
+        client,
         entrypoint=entry,
         runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES,
                      "env_vars": {"ZHCHAT_JOB_CONFIG": config_yaml, "TOKENIZERS_PARALLELISM": "false",
@@ -78,6 +81,21 @@ def submit(cfg: RunConfig, stage: str, address: str, follow: bool = False, worki
     if follow:
         asyncio.run(_follow(client, job_id))
     return job_id
+
+
+def _submit_when_agent_ready(client, wait_s: float = AGENT_WAIT_S, **job) -> str:
+    """A head that has just started answers HTTP before its job agent has registered and
+    says "No available agent to submit job" (a 500) for a few seconds; wait that out
+    instead of failing, and fail on anything else at once."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            say("the cluster's job agent is not ready yet; retrying")
+            time.sleep(2)
 
 
 async def _follow(client, job_id: str) -> None:
