@@ -50,6 +50,9 @@ class SiteServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in two writes; with Nagle on, the body waits for the
+            # client's delayed ACK (40 ms on Linux), which no real server adds to a response.
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):  # quiet
                 pass
@@ -145,6 +148,10 @@ def html_page(title: str, body: str, charset: str | None = "utf-8", meta: str | 
 
 def tree_site(n_lists: int, per_list: int, delay: float = 0.0, text: str = "这是一篇测试文章，内容是关于北京的秋天。") -> SiteServer:
     """An index linking to n_lists list pages, each linking to per_list articles (UTF-8)."""
+    return SiteServer(tree_routes(n_lists, per_list, text), delay=delay)
+
+
+def tree_routes(n_lists: int, per_list: int, text: str) -> dict[str, Reply]:
     routes: dict[str, Route] = {"/robots.txt": Reply(body=b"User-agent: *\nAllow: /\n", content_type="text/plain")}
     lists = "".join(f'<li><a href="/list/{i}.html">列表{i}</a></li>' for i in range(n_lists))
     routes["/"] = Reply(body=html_page("首页", f"<ul>{lists}</ul>").encode())
@@ -154,4 +161,4 @@ def tree_site(n_lists: int, per_list: int, delay: float = 0.0, text: str = "这�
         for j in range(per_list):
             body = f"<article><h1>文章{i}-{j}</h1><p>{text}第{i}组第{j}篇。</p></article>"
             routes[f"/a/{i}/{j}.html"] = Reply(body=html_page(f"文章{i}-{j}", body).encode())
-    return SiteServer(routes, delay=delay)
+    return routes

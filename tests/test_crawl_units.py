@@ -184,6 +184,51 @@ def test_limiter_core_expires_lost_leases():
     assert 0.15 < asyncio.run(main()) < 2
 
 
+def test_limiter_core_takes_released_leases_with_the_next_acquire():
+    async def main():
+        core = HostLimiterCore(concurrency=1, rps=1000, lease_ttl_s=30)
+        first = await core.acquire("h")
+        # The only slot is held; handing it back with the next acquire must not deadlock.
+        second = await asyncio.wait_for(core.acquire("h", [("h", first)]), 1.0)
+        return first, second, len(core.hosts["h"].active)
+
+    first, second, active = asyncio.run(main())
+    assert second != first and active == 1
+
+
+def test_limiter_core_forget_withdraws_waiting_and_takes_back_granted():
+    async def main():
+        core = HostLimiterCore(concurrency=1, rps=1000, lease_ttl_s=30)
+        held = await core.acquire("h")
+        waiting = asyncio.ensure_future(core.lease("h", ticket="t-wait"))
+        granted, _, _ = await core.lease("g", ticket="t-granted")   # answered, but its client left
+        await asyncio.sleep(0.01)
+        await core.forget(["t-wait", "t-granted"])
+        await asyncio.sleep(0.01)
+        assert waiting.cancelled()
+        assert core.hosts["g"].active == {}                          # the granted lease came back
+        await core.release("h", held)
+        nxt = await asyncio.wait_for(core.acquire("h"), 1.0)         # the withdrawn waiter got nothing
+        return core.hosts["h"].active, nxt
+
+    active, nxt = asyncio.run(main())
+    assert list(active) == [nxt]
+
+
+def test_limiter_core_forget_races_a_grant_on_its_way():
+    async def main():
+        core = HostLimiterCore(concurrency=1, rps=1000, lease_ttl_s=30)
+        held = await core.acquire("h")
+        waiter = asyncio.ensure_future(core.lease("h", ticket="t"))
+        await asyncio.sleep(0.01)
+        await core.release("h", held)   # the slot is handed to the waiter ...
+        await core.forget(["t"])        # ... whose client leaves before it resumes
+        await waiter
+        return core.hosts["h"].active
+
+    assert asyncio.run(main()) == {}    # nothing leaked
+
+
 # ---- the fetcher against a real server ------------------------------------------------------
 
 CFG = CrawlConfig(connect_timeout_s=0.5, read_timeout_s=0.3, page_timeout_s=1.0, max_retries=2, backoff_s=0.02,
@@ -210,6 +255,7 @@ def server():
         "/big": Reply(body=b"x" * (200 * 1024)),
         "/png": Reply(body=b"\x89PNG\r\n\x1a\n" + b"\0" * 100, content_type="image/png"),
         "/notype": Reply(body=b"\x00\x01binary", content_type=""),
+        "/badgzip": Reply(body=b"not gzip at all", headers={"Content-Encoding": "gzip"}),
         "/404": Reply(404, b"no"),
         "/500": Reply(500, b"err"),
         "/429": lambda n: Reply(429, b"wait", headers={"Retry-After": "1"}) if n == 1 else Reply(body=b"<p>ok</p>"),
@@ -252,6 +298,8 @@ def test_fetch_caps_and_types(server):
     assert _fetch(server, "/big")["error_kind"] == "too_large"
     assert _fetch(server, "/png")["error_kind"] == "content_type"
     assert _fetch(server, "/notype")["error_kind"] == "content_type"
+    row = _fetch(server, "/badgzip")  # a broken body is the server's fault: recorded, not retried
+    assert row["error_kind"] == "decoding" and row["attempts"] == 1 and "gzip" in row["message"]
 
 
 def test_fetch_retries(server):

@@ -11,6 +11,8 @@ it per run instead, so a rerun never meets a dead run's actor.
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -59,13 +61,19 @@ class Robots:
         return cls(s["text"] or None, deny_all=s["deny_all"], user_agent=user_agent)
 
 
+# How long a worker may keep a lease for further requests to the same host without asking
+# the actor again (see ActorLimiter). Short, so a Retry-After seen elsewhere reaches it soon.
+REUSE_S = 1.0
+
+
 @dataclass
 class _Host:
     interval: float
+    concurrency: int
     last_start: float = -1e9
     not_before: float = 0.0
     active: dict[int, float] = field(default_factory=dict)  # lease id -> expiry (monotonic)
-    cond: asyncio.Condition = field(default_factory=asyncio.Condition)
+    queue: collections.deque = field(default_factory=collections.deque)  # futures waiting, FIFO
     start_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     granted: int = 0
     recent: list[float] = field(default_factory=list)     # grant times, for the rate shown
@@ -77,6 +85,12 @@ class HostLimiterCore:
     acquire(host) waits until fewer than `concurrency` leases are out for the host AND the
     interval since the host's previous start has passed (1/rps or the Crawl-delay, whichever is
     longer), then returns a lease id. A 429/503 with Retry-After pushes the next start back.
+    Waiters are served first come, first served: a released slot is handed to the oldest one.
+
+    lease(host) is the same for remote clients that keep a lease for REUSE_S for further requests
+    to the host, spacing their own starts by concurrency x interval: N leases then start at most
+    1/interval requests per second together, as N slots spaced centrally would. A client that
+    stops before its lease requests are answered names them in forget(), so no lease leaks.
     """
 
     def __init__(self, concurrency: int, rps: float, lease_ttl_s: float):
@@ -85,62 +99,147 @@ class HostLimiterCore:
         self.lease_ttl_s = lease_ttl_s
         self.hosts: dict[str, _Host] = {}
         self._next_id = 0
+        self._tickets: dict = {}        # lease request ticket -> waiting future, then (host, lease)
+        self._lease_ticket: dict = {}   # lease -> its ticket, until the lease comes back
 
     def _host(self, host: str) -> _Host:
         h = self.hosts.get(host)
         if h is None:
-            h = self.hosts[host] = _Host(self.interval)
+            h = self.hosts[host] = _Host(self.interval, self.concurrency)
         return h
 
     def _reap(self, h: _Host, now: float) -> None:
+        """Leases past their expiry belong to workers that died holding them."""
         for lease, expiry in list(h.active.items()):
             if expiry < now:
+                self._forget_lease(lease)
                 del h.active[lease]
 
-    async def acquire(self, host: str) -> int:
-        h = self._host(host)
-        async with h.cond:
-            while True:
-                now = time.monotonic()
-                self._reap(h, now)
-                if len(h.active) < self.concurrency:
-                    break
-                soonest = min(h.active.values()) - now
-                try:
-                    await asyncio.wait_for(h.cond.wait(), timeout=max(0.01, soonest))
-                except asyncio.TimeoutError:
-                    pass
+    def _dispatch(self, h: _Host) -> None:
+        """Hand free slots to the oldest waiters."""
+        now = time.monotonic()
+        while h.queue and len(h.active) < h.concurrency:
+            fut = h.queue.popleft()
+            if fut.done():  # its caller was cancelled
+                continue
             self._next_id += 1
-            lease = self._next_id
             # The slot is held while waiting for the start time: in flight includes scheduled.
             wait_bound = h.interval * (1 + len(h.active)) + max(0.0, h.not_before - now)
-            h.active[lease] = now + self.lease_ttl_s + wait_bound
-        # Starts are serialised and spaced from the previous *actual* start, so a late wake-up
-        # never lets the next one through early.
-        async with h.start_lock:
-            while True:
-                wait = max(h.last_start + h.interval, h.not_before) - time.monotonic()
-                if wait <= 0:
+            h.active[self._next_id] = now + self.lease_ttl_s + wait_bound
+            fut.set_result(self._next_id)
+
+    def _drop(self, h: _Host, lease: int) -> None:
+        self._forget_lease(lease)
+        if h.active.pop(lease, None) is not None:
+            self._dispatch(h)
+
+    def _forget_lease(self, lease: int) -> None:
+        ticket = self._lease_ticket.pop(lease, None)
+        if ticket is not None:
+            self._tickets.pop(ticket, None)
+
+    async def acquire(self, host: str, released: list[tuple] | tuple = (), ticket=None) -> int:
+        """`released`: leases the caller is done with, handed back before it waits (one call
+        instead of a release and an acquire)."""
+        self._release_all(released)
+        h = self._host(host)
+        fut = asyncio.get_running_loop().create_future()
+        h.queue.append(fut)
+        if ticket is not None:
+            self._tickets[ticket] = fut
+        try:
+            while not fut.done():
+                now = time.monotonic()
+                self._reap(h, now)
+                self._dispatch(h)
+                if fut.done():
                     break
-                await asyncio.sleep(wait)
-            h.last_start = t = time.monotonic()
-            h.active[lease] = t + self.lease_ttl_s
-        h.granted += 1
-        h.recent.append(t)
-        if len(h.recent) > 512:
-            del h.recent[:256]
+                # Wake at the soonest lease expiry, in case its holder died.
+                soonest = min(h.active.values()) - now
+                try:
+                    await asyncio.wait_for(asyncio.shield(fut), timeout=max(0.01, soonest))
+                except asyncio.TimeoutError:
+                    pass
+            lease = fut.result()
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._drop(h, fut.result())
+            fut.cancel()
+            raise
+        if ticket is not None:
+            if self._tickets.get(ticket) is not fut:
+                self._drop(h, lease)  # forgotten while the grant was on its way: nobody will use it
+                return lease
+            self._tickets[ticket] = (host, lease)
+            self._lease_ticket[lease] = ticket
+        try:
+            # Starts are serialised and spaced from the previous *actual* start, so a late
+            # wake-up never lets the next one through early.
+            async with h.start_lock:
+                while True:
+                    wait = max(h.last_start + h.interval, h.not_before) - time.monotonic()
+                    if wait <= 0:
+                        break
+                    await asyncio.sleep(wait)
+                h.last_start = t = time.monotonic()
+                if lease in h.active:
+                    h.active[lease] = t + self.lease_ttl_s + REUSE_S
+        except asyncio.CancelledError:
+            self._drop(h, lease)
+            raise
+        if ticket is None:  # a ticketed client reports its requests when it hands the lease back
+            self._count(h, 1, t)
         return lease
 
+    @staticmethod
+    def _count(h: _Host, n: int, t: float) -> None:
+        h.granted += n
+        h.recent.extend([t] * n)
+        if len(h.recent) > 512:
+            del h.recent[:-256]
+
     async def release(self, host: str, lease: int) -> None:
+        self._drop(self._host(host), lease)
+
+    async def lease(self, host: str, released: list[tuple] | tuple = (), ticket=None) -> tuple[int, float, float]:
+        """acquire() for a client that may reuse the lease: (lease id, the spacing its own
+        starts must keep, how long it may keep reusing it)."""
+        lease = await self.acquire(host, released, ticket)
         h = self._host(host)
-        async with h.cond:
-            h.active.pop(lease, None)
-            h.cond.notify(1)
+        return lease, h.interval * h.concurrency, REUSE_S
+
+    async def release_many(self, leases: list[tuple]) -> None:
+        self._release_all(leases)
+
+    def _release_all(self, leases: list[tuple] | tuple) -> None:
+        """(host, lease) or, from a ticketed client, (host, lease, requests made with it) for
+        each lease handed back."""
+        now = time.monotonic()
+        for host, lease, *uses in leases:
+            h = self._host(host)
+            if uses and uses[0]:
+                self._count(h, uses[0], now)
+            self._drop(h, lease)
+
+    async def forget(self, tickets: list) -> None:
+        """The client is gone before these lease requests were answered: withdraw the waiting
+        ones and take back the leases already granted."""
+        for ticket in tickets:
+            entry = self._tickets.pop(ticket, None)
+            if isinstance(entry, asyncio.Future):
+                # Still waiting: withdraw it. Already granted but not resumed: acquire() sees the
+                # ticket gone and takes the lease back itself.
+                entry.cancel()
+            elif entry is not None:
+                host, lease = entry
+                self._drop(self._host(host), lease)
 
     async def set_crawl_delay(self, host: str, delay_s: float) -> float:
-        """Slow a host down to its robots.txt Crawl-delay (never speeds it up)."""
+        """Slow a host down to its robots.txt Crawl-delay (never speeds it up): one request
+        at a time, starts at least the delay apart."""
         h = self._host(host)
         h.interval = max(self.interval, float(delay_s))
+        h.concurrency = 1
         return h.interval
 
     async def pause(self, host: str, seconds: float) -> None:
@@ -179,8 +278,10 @@ def get_or_create_limiter(crawl_id: str, concurrency: int, rps: float, lease_ttl
     return handle
 
 
+@functools.lru_cache(maxsize=8)
 def lookup_limiter(crawl_id: str):
-    """The limiter handle inside a worker (looked up by name once per batch)."""
+    """The limiter handle inside a worker, looked up by name once per process and crawl run
+    (a GCS round trip per task otherwise); the actor restarts under the same handle."""
     import ray
 
     return ray.get_actor(limiter_name(crawl_id), namespace=LIMITER_NAMESPACE)
@@ -217,4 +318,5 @@ async def fetch_robots(origins: list[str], cfg, limiter) -> dict[str, Robots]:
     async with make_client(cfg, max(4, len(origins))) as client:
         fetcher = Fetcher(cfg, client, limiter, any_text_type=True)
         pairs = await asyncio.gather(*(one(fetcher, o) for o in origins))
+    limiter.close()
     return dict(pairs)

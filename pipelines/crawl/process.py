@@ -1,10 +1,13 @@
-"""Second Ray Data step: fetched bytes -> decoded text, in-scope links and dialogue turns.
+"""Fetched bytes -> decoded text, in-scope links and dialogue turns, and the Ray Data UDF
+that fetches a batch and processes each page as it arrives.
 
 One row in, one row out (RESULT_SCHEMA); the driver splits it into the pages, dialogues and
-errors tables. CPU work lives here, apart from the I/O-bound fetch step.
+errors tables.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import pyarrow as pa
 from selectolax.lexbor import LexborHTMLParser
@@ -12,6 +15,7 @@ from selectolax.lexbor import LexborHTMLParser
 from zhchat.config import CrawlConfig
 
 from .decode import decode_body
+from .fetch import fetch_many, task_limiter_and_rules
 from .extract import main_text, meta_robots, page_links, thread_turns
 from .urls import in_scope
 
@@ -82,7 +86,11 @@ def process_row(row: dict, cfg: CrawlConfig, allowed: list[str], exact_hosts: li
     return out
 
 
-def process_batch(batch: pa.Table, *, cfg: CrawlConfig, allowed: list[str], exact_hosts: list[str]) -> pa.Table:
-    """Ray Data UDF: FETCH_SCHEMA rows -> RESULT_SCHEMA rows."""
-    rows = [process_row(r, cfg, allowed, exact_hosts) for r in batch.to_pylist()]
+def crawl_batch(batch: pa.Table, *, cfg: CrawlConfig, crawl_id: str, robots: dict[str, dict],
+                allowed: list[str], exact_hosts: list[str]) -> pa.Table:
+    """Ray Data UDF: {url, depth} rows -> RESULT_SCHEMA rows. Fetching (I/O) and processing
+    (CPU) share one task: each page is processed the moment its body arrives."""
+    limiter, robots_ok = task_limiter_and_rules(cfg, crawl_id, robots)
+    rows = asyncio.run(fetch_many(batch.select(["url", "depth"]).to_pylist(), cfg, limiter, robots_ok,
+                                  then=lambda row: process_row(row, cfg, allowed, exact_hosts)))
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)

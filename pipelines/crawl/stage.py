@@ -2,7 +2,7 @@
 
 Each round takes the shallowest pending URLs (up to the page budget), checks them against
 robots.txt (fetched once per origin, Crawl-delay handed to the limiter), and runs
-    from_items(urls) -> map_batches(fetch_batch) -> map_batches(process_batch)
+    from_items(urls) -> map_batches(crawl_batch)   (fetch, then process each page as it arrives)
 on the cluster. Results are written batch by batch as Ray Data yields them, and their links
 feed the next round, which starts as soon as they fill a wave of tasks (up to two rounds run
 at once, so one level's slow tail does not stall the crawl). All politeness state that must be shared lives in the limiter actor.
@@ -26,11 +26,11 @@ import pyarrow as pa
 from zhchat.config import CrawlConfig
 from zhchat.report import say, summary_table
 
-from .fetch import ActorLimiter, fetch_batch
+from .fetch import ActorLimiter
 from .frontier import Frontier
 from .output import SKIP_KINDS, CrawlStore, split_results
 from .politeness import Robots, fetch_robots, get_or_create_limiter, limiter_name, stop_limiter
-from .process import process_batch
+from .process import crawl_batch
 from .urls import BadURL, host_of, normalize_url, origin_of
 
 
@@ -253,10 +253,8 @@ def _run_round(batch: list[tuple[str, int]], cfg: CrawlConfig, crawl_id: str, ro
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     # batch_size=None: one task per block (blocks are already <= batch_size rows); a number
     # would make Ray Data bundle small blocks together and halve the parallelism.
-    ds = ds.map_batches(fetch_batch, batch_size=None, batch_format="pyarrow", compute=compute,
+    ds = ds.map_batches(crawl_batch, batch_size=None, batch_format="pyarrow", compute=compute,
                         num_cpus=cfg.cpus_per_worker,
-                        fn_kwargs={"cfg": cfg, "crawl_id": crawl_id, "robots": robots_state})
-    ds = ds.map_batches(process_batch, batch_size=None, batch_format="pyarrow", compute=compute,
-                        num_cpus=cfg.cpus_per_worker,
-                        fn_kwargs={"cfg": cfg, "allowed": allowed, "exact_hosts": exact_hosts})
+                        fn_kwargs={"cfg": cfg, "crawl_id": crawl_id, "robots": robots_state,
+                                   "allowed": allowed, "exact_hosts": exact_hosts})
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
