@@ -80,6 +80,7 @@ class ActorLimiter:
         self._held: dict[int, _Held] = {}
         self._waiting: dict[str, collections.deque[asyncio.Future]] = collections.defaultdict(collections.deque)
         self._asking: collections.Counter[str] = collections.Counter()  # lease requests in flight
+        self._cap: dict[str, int] = {}  # the host's concurrency, as the actor last said
         self._done: list[tuple[str, int, int]] = []
         self._flush: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -91,11 +92,7 @@ class ActorLimiter:
         fut = asyncio.get_running_loop().create_future()
         waiting = self._waiting[host]
         waiting.append(fut)
-        if self._asking[host] < len(waiting):  # one request to the actor per waiting coroutine
-            self._asking[host] += 1
-            task = asyncio.get_running_loop().create_task(self._ask(host))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._top_up(host)
         lease = await fut
         held = self._held[lease]
         wait = held.last_start + held.spacing - time.monotonic()
@@ -105,13 +102,24 @@ class ActorLimiter:
         held.uses += 1
         return lease
 
+    def _top_up(self, host: str) -> None:
+        """One lease request per waiting coroutine, but never more than the host's concurrency
+        (learnt from the first answer): more would only queue at the actor and spread the host's
+        leases thinly over many workers instead of letting each pass its own on."""
+        want = min(len(self._waiting[host]), self._cap.get(host, 1))
+        while self._asking[host] < want:
+            self._asking[host] += 1
+            task = asyncio.get_running_loop().create_task(self._ask(host))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     async def _ask(self, host: str) -> None:
         done, self._done = self._done, []
         self._next_ticket += 1
         ticket = (self._client_id, self._next_ticket)
         self._tickets.add(ticket)
         try:
-            lease, spacing, reuse_s = await self.h.lease.remote(host, done, ticket)
+            lease, spacing, reuse_s, self._cap[host] = await self.h.lease.remote(host, done, ticket)
         finally:
             self._asking[host] -= 1
         if ticket not in self._tickets:
@@ -120,6 +128,7 @@ class ActorLimiter:
         now = time.monotonic()
         self._held[lease] = _Held(host, spacing, now + reuse_s, now - spacing)
         self._hand_over(host, lease, fresh=True)
+        self._top_up(host)
 
     def _hand_over(self, host: str, lease: int, fresh: bool = False) -> None:
         held = self._held[lease]

@@ -201,12 +201,12 @@ class HostLimiterCore:
     async def release(self, host: str, lease: int) -> None:
         self._drop(self._host(host), lease)
 
-    async def lease(self, host: str, released: list[tuple] | tuple = (), ticket=None) -> tuple[int, float, float]:
+    async def lease(self, host: str, released: list[tuple] | tuple = (), ticket=None) -> tuple[int, float, float, int]:
         """acquire() for a client that may reuse the lease: (lease id, the spacing its own
-        starts must keep, how long it may keep reusing it)."""
+        starts must keep, how long it may keep reusing it, the host's concurrency)."""
         lease = await self.acquire(host, released, ticket)
         h = self._host(host)
-        return lease, h.interval * h.concurrency, REUSE_S
+        return lease, h.interval * h.concurrency, REUSE_S, h.concurrency
 
     async def release_many(self, leases: list[tuple]) -> None:
         self._release_all(leases)
