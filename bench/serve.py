@@ -98,21 +98,35 @@ def sequential_generate(model_dir: str, prompts: list[str], max_tokens: int, thr
                                  pad_token_id=engine.fmt.eos_id)
             tokens += out.shape[1] - len(p)
     seq_tps = tokens / (time.perf_counter() - t0)
+    # The same quantity the HTTP clients measure: time to the first delta with text, with the
+    # same sampling (a byte-level BPE token can be part of a character, and the engine holds
+    # such bytes back until the character is complete).
     ttft = []
-    sp = SamplingParams(max_tokens=1, temperature=1.0, top_k=50)
-    next(iter(engine.stream(ids[0], sp)))  # warm-up: thread start, first-call allocations
-    for p in ids:
+    sp = SamplingParams(max_tokens=max_tokens, temperature=1.0, top_k=50, top_p=0.9)
+
+    def first_text(p: list[int]) -> float:
         t = time.perf_counter()
-        next(iter(engine.stream(p, sp)))
-        ttft.append((time.perf_counter() - t) * 1000)
+        deltas = engine.stream(p, sp)
+        for d in deltas:
+            if d.text:
+                break
+        elapsed = (time.perf_counter() - t) * 1000
+        deltas.close()  # cancels the rest of the reply
+        return elapsed
+
+    first_text(ids[0])  # warm-up: thread start, first-call allocations
+    for p in ids:
+        ttft.append(first_text(p))
     engine.close()
     return {"tokens_per_s": seq_tps, "ttft_p50_ms": pct(ttft, 50)}
 
 
 async def client(url: str, prompts: list[str], max_tokens: int, until: float, stats: dict, rng: random.Random):
-    import httpx
+    """A closed-loop streaming client. aiohttp: the load generator shares the 2 cores with
+    the server, so it should cost as little CPU per chunk as a client can."""
+    import aiohttp
 
-    async with httpx.AsyncClient(timeout=120) as c:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as c:
         while time.perf_counter() < until:
             body = {"messages": [{"role": "user", "content": rng.choice(prompts)}], "max_tokens": max_tokens,
                     "temperature": 1.0, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.0,
@@ -120,12 +134,13 @@ async def client(url: str, prompts: list[str], max_tokens: int, until: float, st
             t0 = time.perf_counter()
             first, last, gaps = None, None, []
             try:
-                async with c.stream("POST", url, json=body) as r:
-                    if r.status_code != 200:
+                async with c.post(url, json=body) as r:
+                    if r.status != 200:
                         stats["errors"] += 1
-                        await r.aread()
+                        await r.read()
                         continue
-                    async for line in r.aiter_lines():
+                    async for raw in r.content:
+                        line = raw.decode().strip()
                         if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
                         chunk = json.loads(line[6:])
@@ -179,14 +194,16 @@ def main() -> None:
     from ray import serve
 
     from services import launch
-    from zhchat.config import GenerationDefaults, ServeConfig
+    from zhchat.config import GenerationDefaults, RayConfig, ServeConfig
+    from zhchat.runtime import init_ray
 
     with tempfile.TemporaryDirectory() as model_dir:
         build_model(model_dir, a.quick)
         seq = sequential_generate(model_dir, prompts[: 4 if a.quick else 16], max_tokens, max(1, int(a.cpus)))
         print(f"sequential generate: {seq['tokens_per_s']:.1f} tokens/s; in-process TTFT p50 "
               f"{seq['ttft_p50_ms']:.1f} ms", file=sys.stderr)
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+        # The local cluster zhchat itself starts (with Ray's throughput-optimized Serve mode).
+        init_ray(RayConfig(num_cpus=4, include_dashboard=False))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

@@ -182,3 +182,26 @@ def test_health_check_fails_when_the_model_cannot_generate(tiny_tokenizer_dir, t
     with pytest.raises(EngineError):
         e.chat_batch([[Message("user", "你好")]], SamplingParams(max_tokens=5))
     e.close()
+
+
+def test_astream_merges_deltas_a_slow_consumer_let_pile_up(untied_engine):
+    """The same reply whether the consumer keeps up or not; a slow one gets fewer, longer deltas."""
+    import asyncio
+    import time
+
+    prompt = untied_engine.chat_prompt(convs()[1], 40)
+    params = SamplingParams(max_tokens=40, temperature=1.0, seed=7)
+
+    async def collect(pause_s: float) -> list:
+        out = []
+        async for d in untied_engine.astream(prompt, params):
+            out.append(d)
+            time.sleep(pause_s)  # blocks the loop, as a busy replica would
+        return out
+
+    fast = asyncio.run(collect(0.0))
+    slow = asyncio.run(collect(0.05))
+    assert "".join(d.text for d in slow) == "".join(d.text for d in fast)
+    assert slow[-1].finish_reason == fast[-1].finish_reason
+    assert slow[-1].completion_tokens == fast[-1].completion_tokens
+    assert len(slow) < len(fast)

@@ -328,6 +328,11 @@ class Engine:
         try:
             while True:
                 d = await q.get()
+                # Deltas that piled up while the consumer was busy go out as one: under load
+                # each message through Serve costs more than the text in it (no added latency:
+                # only what is already here is merged).
+                while not d.error and not d.finish_reason and not q.empty():
+                    d = _merge_deltas(d, q.get_nowait())
                 if d.error:
                     raise EngineError(d.error)
                 yield d
@@ -597,6 +602,13 @@ class Engine:
             if finish:
                 r.done = True
             r.sink(Delta(piece, finish, len(r.prompt), n_out))
+
+
+def _merge_deltas(a: Delta, b: Delta) -> Delta:
+    """b follows a: their text joined, b's finish and counts (an error wins)."""
+    if b.error:
+        return b
+    return replace(b, text=a.text + b.text)
 
 
 def params_list(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:

@@ -22,6 +22,8 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return
+    if cfg.serve_throughput_optimized:
+        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # inherited by every Ray process
     ray.init(
         address="local",  # start one; never attach to a stale `ray start` left on the machine
         num_cpus=cfg.num_cpus,
