@@ -28,6 +28,11 @@ def _free_port() -> int:
 def head_node(tmp_path_factory):
     temp = tmp_path_factory.mktemp("rayhead")
     gcs, dash = _free_port(), _free_port()
+    # The job agent listens on a fixed default port (52365), which the suite's own Ray cluster
+    # already holds: without ports of its own this head's agent never comes up and every
+    # submission gets "No available agent to submit job".
+    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                   f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     # --block keeps `ray start` in the foreground so the whole head can be stopped by its
@@ -35,7 +40,8 @@ def head_node(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
          "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}"],
+         f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}",
+         *agent_ports],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
     )
     address = f"http://127.0.0.1:{dash}"
