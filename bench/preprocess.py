@@ -8,9 +8,10 @@ In one run it
    chat, plus phrases drawn from jieba's 349k-word dictionary by frequency, numbers, Latin,
    emoji and rare characters) as Parquet files in the dialogue-table layout;
 2. times plain single-process `jieba.lcut` over every turn (HMM on, as the default config),
-   and checks on the same text that the "jieba_fast" backend gives exactly jieba's words;
-   it also prints how many turns repeat an earlier short turn: the stage segments those once
-   per actor (an LRU cache, see pipelines/segment.py), so that share matters to its speed;
+   then the stage's word cutter (pipelines/segment.py) on the same text, checking that it
+   gives exactly jieba's words; it also prints how many runs of unknown characters repeat an earlier one: the stage
+   remembers the HMM's split of those per actor (see pipelines/segment.py), so that share
+   matters to its speed;
 3. starts a 2-CPU local Ray cluster (not timed) and times `segment_dataset` reading those
    files and writing the words to Parquet (actor start-up included), for the corpus and for
    one 4x its size, sampling the memory of the driver and every Ray process (summed PSS: the
@@ -189,8 +190,8 @@ def iter_turn_files(folder: Path):
 
 # -- single process ---------------------------------------------------------------------------
 def single_process(folder: Path) -> dict:
-    """Plain jieba.lcut over every turn (timed), then the jieba_fast backend on the same turns,
-    compared word for word."""
+    """Plain jieba.lcut over every turn (timed), then the stage's word cutter on the same
+    turns, compared word for word."""
     import jieba
 
     from pipelines.segment import make_tokenizer
@@ -198,12 +199,10 @@ def single_process(folder: Path) -> dict:
 
     jieba.setLogLevel(logging.WARNING)
     jieba.initialize()  # dictionary load is not part of the per-char rate
-    fast, used = make_tokenizer(SegmentConfig(backend="auto"))
-    from pipelines.segment import CACHE_TURN_CHARS
+    fast = make_tokenizer(SegmentConfig())
 
-    chars = seconds = fast_seconds = differ = turns_n = short_n = 0
+    chars = seconds = fast_seconds = differ = turns_n = 0
     example = None
-    seen_short: set[int] = set()  # hash() is fine within one process
     for turns in iter_turn_files(folder):
         t0 = time.perf_counter()
         ref = [jieba.lcut(t) for t in turns]
@@ -217,13 +216,10 @@ def single_process(folder: Path) -> dict:
                 example = example or (t, a, b)
         chars += sum(map(len, turns))
         turns_n += len(turns)
-        short = [hash(t) for t in turns if len(t) <= CACHE_TURN_CHARS]
-        short_n += len(short)
-        seen_short.update(short)
     return {"chars": chars, "seconds": round(seconds, 2), "chars_per_s": chars / seconds,
-            "auto_backend": used, "auto_backend_chars_per_s": chars / fast_seconds,
+            "cutter_chars_per_s": chars / fast_seconds,
             "turns_compared": turns_n, "turns_differing": differ, "first_difference": example,
-            "repeated_short_turns": (short_n - len(seen_short)) / max(turns_n, 1)}
+            "hmm_cache_hit_rate": fast.hmm_cache_hit_rate()}
 
 
 # -- Ray stage --------------------------------------------------------------------------------
@@ -329,11 +325,11 @@ def main() -> None:
 
         single = single_process(work / "corpus_1x")
         print(f"single process jieba.lcut: {single['chars_per_s']:,.0f} chars/s ({single['seconds']} s)", flush=True)
-        print(f"backend 'auto' = {single['auto_backend']}: {single['auto_backend_chars_per_s']:,.0f} chars/s in one "
+        print(f"the stage's word cutter: {single['cutter_chars_per_s']:,.0f} chars/s in one "
               f"process; {single['turns_differing']} of {single['turns_compared']:,} turns segmented differently "
               f"from jieba", flush=True)
-        print(f"turns that repeat an earlier short turn (the stage's cache hits at most): "
-              f"{single['repeated_short_turns']:.1%}", flush=True)
+        print(f"runs of unknown characters the HMM had split before (remembered): "
+              f"{single['hmm_cache_hit_rate']:.1%}", flush=True)
         if single["first_difference"]:
             print(f"  first difference: {single['first_difference']}", flush=True)
 
@@ -350,9 +346,10 @@ def main() -> None:
         print(json.dumps({
             "ratio": round(ratio, 3), "memory_growth": round(growth, 3),
             "single_chars_per_s": round(single["chars_per_s"]), "ray_chars_per_s": round(stage_1x["chars_per_s"]),
-            "ray_4x_chars_per_s": round(stage_4x["chars_per_s"]), "backend": single["auto_backend"],
-            "backend_identical_to_jieba": single["turns_differing"] == 0, "turns_compared": single["turns_compared"],
-            "repeated_short_turns": round(single["repeated_short_turns"], 3),
+            "ray_4x_chars_per_s": round(stage_4x["chars_per_s"]),
+            "cutter_chars_per_s": round(single["cutter_chars_per_s"]),
+            "cutter_identical_to_jieba": single["turns_differing"] == 0, "turns_compared": single["turns_compared"],
+            "hmm_cache_hit_rate": round(single["hmm_cache_hit_rate"], 3),
             "peak_mb_1x": stage_1x["peak_mb"], "peak_mb_4x": stage_4x["peak_mb"],
             "above_idle_mb_1x": stage_1x["peak_mb"] - stage_1x["idle_mb"],
             "above_idle_mb_4x": stage_4x["peak_mb"] - stage_4x["idle_mb"],

@@ -4,22 +4,24 @@
 list, `words_nostop` (for keyword statistics only). The `turns` text is never changed:
 a generative model has to learn to write 的/了/是.
 
-Backends. "jieba" is jieba 0.42's own `Tokenizer`. "jieba_fast" keeps that Tokenizer (its
-dictionary, user dictionaries and its Python HMM for unknown words) and only swaps the
-prefix-DAG + best-route search for jieba_fast's C routine (`_get_DAG_and_calc`), which
-returns the same route. jieba_fast's own Tokenizer is NOT used: its C HMM (viterbi) splits
-runs of characters missing from the HMM tables differently (rare/traditional characters:
-59% of random dictionary-word texts with such characters differed), so its output is not
-jieba's. "auto" uses the hybrid when jieba_fast is importable AND a self-check on
-`_PROBE_TEXTS` gives exactly jieba's words; otherwise plain jieba. The full check over a
-large generated corpus is `tests/test_segment.py::test_fast_backend_identical_on_large_corpus`
-and `bench/preprocess.py`.
+The words are exactly jieba 0.42's (`jieba.lcut`, accurate mode, HMM for unknown words),
+found about twice as fast by `WordCutter`, a jieba.Tokenizer (same dictionary, user
+dictionaries and HMM) whose `lcut` restates jieba's `cut` + `__cut_DAG` + `get_DAG` +
+`calc` as one pass that builds a list instead of a chain of generators and dicts, and
+remembers the HMM's split of each run of unknown characters (a pure function of the run:
+names and rare words come back again and again in chat text). jieba_fast is not used: its
+C route keeps the first of equal-scoring words where jieba keeps the last (哈哈哈哈哈哈哈
+comes out differently) and its C HMM splits characters missing from the HMM tables
+differently. `make_tokenizer` checks the cutter against jieba's own code on `_PROBE_TEXTS`
+and uses jieba's code if they ever differ; the full check over a large generated corpus is
+`tests/test_segment.py::test_cutter_identical_to_jieba_on_large_corpus` and `bench/preprocess.py`.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import unicodedata
 from importlib import resources
 from typing import Any
@@ -37,6 +39,7 @@ _PROBE_TEXTS = [
     "匮漤轱谲撞人案他寨外扭打几只鈫鬋惏僧徒他", "諾囗奿愤勲<电话>", "郊氤榋吗相片风炉他镍氢电池退汞效率",
     "及靴兪大武耓", "柳湘兰链金术钹謎花纹路解除权了鸈严鱒购abc昆明城晴", "iPhone 15 Pro 的价格是 7999 元！",
     "永和服装饰品有限公司", "结婚的和尚未结婚的", "今天天气不错，我们去公园散步吧~", "😀 好的 ok 3.14",
+    "", "  \t\n", "PM2.5超标了!!!", "哈哈哈哈哈哈哈哈", "C++和C#都会，3.5%的人",
 ]
 
 
@@ -56,83 +59,132 @@ def load_stopwords(spec: str | None) -> frozenset[str]:
     return frozenset(w for line in text.splitlines() if (w := line.split("#", 1)[0].strip()))
 
 
-def _jieba_tokenizer():
+def _word_cutter_class():
+    """WordCutter, built on jieba when first needed (importing jieba is slow, and the
+    driver does not need it)."""
+    import jieba
+    from jieba import finalseg
+
+    re_han, re_skip = jieba.re_han_default, jieba.re_skip_default
+
+    class WordCutter(jieba.Tokenizer):
+        """jieba.Tokenizer whose accurate-mode HMM `lcut` is the same algorithm in one pass."""
+
+        use_jieba_code = False  # set when the probe check finds a difference: plain jieba then
+
+        def __init__(self, hmm_cache: int = 1 << 16):
+            super().__init__()
+            self._hmm = functools.lru_cache(maxsize=hmm_cache)(lambda run: tuple(finalseg.cut(run)))
+
+        def hmm_cache_hit_rate(self) -> float:
+            info = self._hmm.cache_info()
+            return info.hits / max(1, info.hits + info.misses)
+
+        def route_ends(self, block: str) -> list[int]:
+            """ends[x]: the last index of the best-route word that starts at x.
+
+            jieba's get_DAG + calc fused into one right-to-left pass: the words starting at
+            x are the prefixes of block[x:] with a non-zero count (FREQ holds every prefix
+            of every word, with count 0 for those that are not words themselves); a
+            word's score is log(count) - log(total) plus the best score after it, summed
+            in jieba's order so that the floats are bit-identical, and of equal scores the
+            longest word wins, as jieba's max over (score, x) tuples picks it."""
+            n, get, ln = len(block), self.FREQ.get, math.log
+            logtotal = ln(self.total)
+            best_after = [0.0] * (n + 1)
+            ends = [0] * n
+            for x in range(n - 1, -1, -1):
+                best, end = None, x
+                y, frag = x, block[x]
+                while y < n and (count := get(frag)) is not None:
+                    if count:
+                        score = ln(count) - logtotal + best_after[y + 1]
+                        if best is None or score >= best:
+                            best, end = score, y
+                    y += 1
+                    frag = block[x:y + 1]
+                if best is None:  # no word starts here: the character alone, count 1
+                    best = ln(1) - logtotal + best_after[x + 1]
+                best_after[x], ends[x] = best, end
+            return ends
+
+        def _unknown_run(self, out: list, run: str) -> None:
+            # __cut_DAG: one character alone; a run that is itself a dictionary word is
+            # kept as characters; any other run goes to the HMM
+            if len(run) == 1:
+                out.append(run)
+            elif not self.FREQ.get(run):
+                out.extend(self._hmm(run))
+            else:
+                out.extend(run)
+
+        def _cut_block(self, block: str, out: list) -> None:
+            """jieba's __cut_DAG: words of the best route; runs of single characters between
+            them are unknown words for the HMM."""
+            ends = self.route_ends(block)
+            x, n, run = 0, len(block), ""
+            while x < n:
+                y = ends[x] + 1
+                if y - x == 1:
+                    run += block[x]
+                else:
+                    if run:
+                        self._unknown_run(out, run)
+                        run = ""
+                    out.append(block[x:y])
+                x = y
+            if run:
+                self._unknown_run(out, run)
+
+        def lcut(self, sentence, cut_all=False, HMM=True, use_paddle=False):
+            if cut_all or not HMM or use_paddle or self.use_jieba_code or not isinstance(sentence, str):
+                return super().lcut(sentence, cut_all=cut_all, HMM=HMM, use_paddle=use_paddle)
+            if not self.initialized:
+                self.initialize()
+            # jieba's Tokenizer.cut: Chinese/alphanumeric blocks are cut by route + HMM;
+            # in the rest, alphanumeric runs stay whole and everything else is one character each
+            out: list[str] = []
+            for blk in re_han.split(sentence):
+                if not blk:
+                    continue
+                if re_han.match(blk):
+                    self._cut_block(blk, out)
+                else:
+                    for x in re_skip.split(blk):
+                        if re_skip.match(x):
+                            out.append(x)
+                        else:
+                            out.extend(x)
+            return out
+
+    return WordCutter
+
+
+def _same_as_jieba(tok) -> bool:
+    """The cutter's words equal jieba's own Tokenizer code (cut, get_DAG, calc) on the probe
+    texts, with this tokenizer's dictionary (user words included); no second dictionary has
+    to be loaded."""
+    import jieba
+
+    return all(tok.lcut(t) == jieba.Tokenizer.lcut(tok, t) for t in _PROBE_TEXTS)
+
+
+def make_tokenizer(cfg: SegmentConfig):
+    """An initialised WordCutter with the user dictionaries loaded."""
     import jieba
 
     jieba.setLogLevel(logging.WARNING)
-    return jieba.Tokenizer()
-
-
-def _fast_tokenizer():
-    """jieba's Tokenizer with the DAG + route step done in jieba_fast's C code."""
-    import jieba
-    from _jieba_fast_functions_py3 import _get_DAG_and_calc  # the C extension jieba_fast installs
-
-    jieba.setLogLevel(logging.WARNING)
-
-    class FastRouteTokenizer(jieba.Tokenizer):
-        # jieba's __cut_DAG calls get_DAG then calc(sentence, DAG, route) and reads route[x][1]
-        # (the end of the best word starting at x); the C routine builds the DAG itself.
-        def get_DAG(self, sentence):
-            self.check_initialized()
-            return None
-
-        def calc(self, sentence, DAG, route):
-            ends: list[int] = []
-            _get_DAG_and_calc(self.FREQ, sentence, ends, float(self.total))
-            route.update(zip(range(len(ends)), zip(ends, ends)))
-
-        def cut(self, sentence, cut_all=False, HMM=True, use_paddle=False):
-            if cut_all:
-                raise NotImplementedError("cut_all needs the DAG; use the 'jieba' backend")
-            return super().cut(sentence, cut_all=False, HMM=HMM)
-
-    return FastRouteTokenizer()
-
-
-def _route_matches_python(tok) -> bool:
-    """The C route equals jieba's Python get_DAG + calc on the probe texts, with this
-    tokenizer's dictionary (user words included). Everything else is jieba's own code, so
-    equal routes mean equal words; no second dictionary has to be loaded."""
-    import jieba
-
-    for text in _PROBE_TEXTS:
-        fast: dict = {}
-        tok.calc(text, None, fast)
-        slow: dict = {}
-        jieba.Tokenizer.calc(tok, text, jieba.Tokenizer.get_DAG(tok, text), slow)
-        if any(fast[i][1] != slow[i][1] for i in range(len(text))):
-            return False
-    return True
-
-
-def make_tokenizer(cfg: SegmentConfig) -> tuple[Any, str]:
-    """(initialised tokenizer with user dictionaries loaded, backend actually used)."""
-    backend = cfg.backend
-    tok, used = None, "jieba"
-    if backend in ("auto", "jieba_fast"):
-        try:
-            tok = _fast_tokenizer()
-            used = "jieba_fast"
-        except ImportError as e:
-            if backend == "jieba_fast":
-                raise ValueError(f"segment.backend is 'jieba_fast' but it is not installed ({e}); "
-                                 "pip install jieba_fast, or use 'auto'/'jieba'") from e
-    if tok is None:
-        tok = _jieba_tokenizer()
+    tok = _word_cutter_class()()
     tok.initialize()
     for path in cfg.user_dicts:
         try:
             tok.load_userdict(path)
         except Exception as e:  # jieba raises bare ValueError/UnicodeDecodeError with no file name
             raise ValueError(f"segment.user_dicts: cannot load jieba user dictionary {path!r}: {e}") from e
-    if used == "jieba_fast" and not _route_matches_python(tok):
-        if backend == "jieba_fast":
-            raise ValueError("segment.backend 'jieba_fast' segments the probe texts differently from jieba "
-                             "with this jieba_fast build; use 'jieba' or 'auto'")
-        log.warning("jieba_fast's output differs from jieba's on the probe texts; using plain jieba")
-        return make_tokenizer(cfg.model_copy(update={"backend": "jieba"}))
-    return tok, used
+    if not _same_as_jieba(tok):
+        log.warning("zhchat's word cutter differs from this jieba's own code on the probe texts; using jieba's code")
+        tok.use_jieba_code = True
+    return tok
 
 
 def _is_noise(word: str) -> bool:
@@ -140,29 +192,16 @@ def _is_noise(word: str) -> bool:
     return all(ch.isspace() or unicodedata.category(ch)[0] in "PSZ" for ch in word)
 
 
-# Chat corpora repeat their short turns a lot (好的, 哈哈, 谢谢, 在吗): those are segmented
-# once per actor and then looked up. The words are a pure function of the text, so the
-# output is the same; long turns rarely repeat and would only fill the cache.
-CACHE_TURN_CHARS = 32
-
-
 class Segmenter:
-    """Callable class for `map_batches`: the dictionary is loaded once per actor, here.
-    `cache_size` short turns' words are kept in an LRU cache (0: none)."""
+    """Callable class for `map_batches`: the dictionary is loaded once per actor, here."""
 
-    def __init__(self, cfg: SegmentConfig | dict | None = None, cache_size: int = 32768):
+    def __init__(self, cfg: SegmentConfig | dict | None = None):
         self.cfg = cfg if isinstance(cfg, SegmentConfig) else SegmentConfig.model_validate(cfg or {})
-        self.tokenizer, self.backend = make_tokenizer(self.cfg)
+        self.tokenizer = make_tokenizer(self.cfg)
         self.stopwords = load_stopwords(self.cfg.stopwords)
-        self._cached = functools.lru_cache(maxsize=cache_size)(self._cut) if cache_size else None
-
-    def _cut(self, text: str) -> list[str]:
-        return self.tokenizer.lcut(text, HMM=self.cfg.hmm)
 
     def words(self, text: str) -> list[str]:
-        if self._cached is not None and len(text) <= CACHE_TURN_CHARS:
-            return list(self._cached(text))  # a copy: callers may change their list
-        return self._cut(text)
+        return self.tokenizer.lcut(text, HMM=self.cfg.hmm)
 
     def __call__(self, batch: Any) -> Any:
         turns = as_turn_lists(_column(batch, "turns"))

@@ -1,5 +1,5 @@
 """jieba segmentation: Segmenter on plain batches, on Ray Data actors, user dictionaries,
-stopwords, and the jieba_fast backend giving exactly jieba's words."""
+stopwords, and the word cutter giving exactly jieba's words."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def user_dict(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain():
-    return Segmenter(SegmentConfig(backend="jieba"))
+    return Segmenter(SegmentConfig())
 
 
 def numpy_batch(dialogues):
@@ -50,12 +50,12 @@ def test_segmenter_on_a_numpy_batch(plain):
 def test_user_dictionary_changes_segmentation(plain, user_dict):
     text = f"我在用{NEW_WORD}聊天"
     assert NEW_WORD not in plain.words(text)
-    custom = Segmenter(SegmentConfig(backend="jieba", user_dicts=[user_dict]))
+    custom = Segmenter(SegmentConfig(user_dicts=[user_dict]))
     assert NEW_WORD in custom.words(text)
 
 
 def test_stopwords_only_in_words_nostop(user_dict):
-    seg = Segmenter({"backend": "jieba", "stopwords": "default"})
+    seg = Segmenter({"stopwords": "default"})
     out = seg({"id": ["a"], "turns": [["我的猫是白色的，你的呢？"]]})
     assert out["turns"] == [["我的猫是白色的，你的呢？"]]
     words = out["words"][0][0]
@@ -76,7 +76,7 @@ def test_bad_user_dictionary_is_named(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes("蓝鲸 abc\n".encode("gbk") + b"\xff\xfe\n")
     with pytest.raises(ValueError, match="bad.txt"):
-        make_tokenizer(SegmentConfig(backend="jieba", user_dicts=[str(bad)]))
+        make_tokenizer(SegmentConfig(user_dicts=[str(bad)]))
 
 
 def test_plan_actors_leaves_room_for_writes():
@@ -108,19 +108,39 @@ def random_texts(n: int, seed: int = 0) -> list[str]:
     return texts
 
 
+def jieba_reference(user_dict: str, hmm: bool):
+    """jieba's own code, untouched: the words the cutter must reproduce."""
+    import jieba
+
+    ref = jieba.Tokenizer()
+    ref.load_userdict(user_dict)
+    return lambda text: ref.lcut(text, HMM=hmm)
+
+
 @pytest.mark.parametrize("hmm", [True, False])
-def test_fast_backend_identical_on_large_corpus(hmm, user_dict):
-    """'auto' may only use jieba_fast where its words are jieba's. jieba_fast's own
-    Tokenizer fails this with HMM on (its C viterbi splits characters missing from the HMM
-    tables differently), so the backend uses only its DAG/route routine."""
-    pytest.importorskip("_jieba_fast_functions_py3")
-    cfg = dict(hmm=hmm, user_dicts=[user_dict])
-    ref = Segmenter(SegmentConfig(backend="jieba", **cfg))
-    fast = Segmenter(SegmentConfig(backend="auto", **cfg))
-    assert fast.backend == "jieba_fast"
+def test_cutter_identical_to_jieba_on_large_corpus(hmm, user_dict):
+    """zhchat's one-pass cutter gives exactly jieba.lcut's words, ties between equal-scoring
+    routes (runs of 哈) and the HMM cache's remembered answers included."""
+    ref = jieba_reference(user_dict, hmm)
+    seg = Segmenter(SegmentConfig(hmm=hmm, user_dicts=[user_dict]))
+    assert not seg.tokenizer.use_jieba_code                 # the probe check passed: our code is in use
     texts = random_texts(6000, seed=1 if hmm else 2)       # ~140k characters
-    for t in texts:
-        assert fast.words(t) == ref.words(t), t
+    texts += ["", " ", "\t\n", "ａｂｃ１２３", "C++/C#", "3.14%的人", "e-mail: a.b@c.com", NEW_WORD * 3]
+    texts += ["哈" * n for n in range(1, 30)] + ["呵呵" * n + "嘿" * n for n in range(1, 12)]
+    for t in texts + texts:                                # twice: the HMM cache's answers too
+        assert seg.words(t) == ref(t), t
+
+
+def test_a_cutter_that_differs_falls_back_to_jieba(monkeypatch):
+    """If this jieba ever cuts differently from zhchat's restatement, jieba's own code is used."""
+    import pipelines.segment as segment
+
+    word_cutter = segment._word_cutter_class()
+    monkeypatch.setattr(word_cutter, "route_ends", lambda self, block: list(range(len(block))))  # every char alone
+    monkeypatch.setattr(segment, "_word_cutter_class", lambda: word_cutter)
+    tok = make_tokenizer(SegmentConfig())
+    assert tok.use_jieba_code
+    assert tok.lcut("我来到北京清华大学") == ["我", "来到", "北京", "清华大学"]
 
 
 def test_segment_dataset_on_ray(ray_cluster, user_dict):
@@ -153,14 +173,3 @@ def test_segmenter_on_a_pyarrow_batch(plain):
     assert out.column_names.count("words") == 1
     assert out.schema.field("words").type == pa.list_(pa.list_(pa.string()))
     assert out.column("words").to_pylist() == [[["你好", "世界"], []], [["好"]]]
-
-
-def test_turn_cache_gives_the_same_words():
-    cached = Segmenter(SegmentConfig(backend="jieba"))
-    uncached = Segmenter(SegmentConfig(backend="jieba"), cache_size=0)
-    texts = random_texts(300, seed=3) + ["好的", "哈哈", "好的"]
-    for t in texts + texts:
-        assert cached.words(t) == uncached.words(t)
-    first = cached.words("好的")
-    first.append("changed")
-    assert cached.words("好的") == uncached.words("好的")      # callers get copies

@@ -100,7 +100,6 @@ class SegmentConfig(Section):
     user_dicts: list[str] = Field(default_factory=list, description="jieba user dictionaries")
     stopwords: str | None = Field(None, description="Stopword file for the statistics-only column; 'default' uses the bundled list")
     actors: int | None = Field(None, ge=1, description="Segmenter actors (None: one per CPU)")
-    backend: Literal["auto", "jieba", "jieba_fast"] = Field("auto", description="jieba_fast only where installed")
 
     @field_validator("user_dicts")
     @classmethod
