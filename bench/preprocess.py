@@ -298,6 +298,9 @@ def fresh_cluster_stage(folder: Path, out: Path, chars: int) -> dict:
     # address="local": always a new cluster, never one that `ray start` left running here
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     try:
+        from zhchat.runtime import configure_data
+
+        configure_data()  # the project's Ray Data settings, as every stage has them
         ray.data.DataContext.get_current().enable_progress_bars = False
         # Part of starting the cluster (not timed): a trivial job on 4 half-CPU tasks gets
         # the worker pool up, with Ray Data imported, as a cluster that has run a job has.

@@ -42,6 +42,7 @@ REMOVED_SCHEMA = pa.schema([
 ])
 INTERNAL_COLUMNS = {"drop_reason", "rule_hits", "split"}
 WORDS_BATCH = 4096
+SEGMENT_BLOCK_ROWS = 2048
 
 
 # -- plain functions on batches (pyarrow tables) --------------------------------------------
@@ -170,6 +171,8 @@ def _run(p: PreprocessConfig, files: list[str], out: str) -> tuple[dict, dict]:
     n_dup = _count_rows(list_parquet(dup_dir))
 
     say("preprocess: segmenting and splitting")
+    # The shuffle leaves one block per partition: cut them so every segmenter actor has work.
+    kept = kept.repartition(target_num_rows_per_block=SEGMENT_BLOCK_ROWS)
     seg = segment_dataset(kept, p.segment)
     seg = seg.map_batches(split_batch, fn_kwargs={"cfg": p.split}, batch_format="pyarrow").materialize()
     seg_dir = join(out, "segmented")

@@ -229,13 +229,13 @@ def plan_actors(cfg: SegmentConfig, cpus: int) -> tuple[int, float]:
     return actors, min(1.0, budget / actors)
 
 
-def segment_dataset(ds, cfg: SegmentConfig, batch_size: int = 256, rows_per_block: int = 2048):
+def segment_dataset(ds, cfg: SegmentConfig, batch_size: int = 256):
     """`ds` with `words` (and `words_nostop`) added by a pool of Segmenter actors.
 
-    An actor works on whole blocks, so a few big blocks (Ray reads a handful of small files
-    as one block) would keep all but one actor idle: blocks are first cut to at most
-    `rows_per_block` dialogues by Ray's streaming repartition (no shuffle, no barrier, so
-    the stage still streams)."""
+    An actor works on whole blocks: a dataset of a few big blocks (a shuffle's output) keeps
+    all but one actor idle, so such a dataset should be cut into blocks of a few thousand
+    rows first (preprocess does it after dedup, fused into the map before it). A parquet
+    read already gives such blocks: it splits its files' rows into ~200 blocks or more."""
     if not cfg.enabled:
         return ds
     import ray
@@ -243,7 +243,7 @@ def segment_dataset(ds, cfg: SegmentConfig, batch_size: int = 256, rows_per_bloc
     from zhchat.runtime import cluster_cpus
 
     actors, cpus_each = plan_actors(cfg, cluster_cpus())
-    return ds.repartition(target_num_rows_per_block=rows_per_block).map_batches(
+    return ds.map_batches(
         Segmenter,
         fn_constructor_kwargs={"cfg": cfg},
         compute=ray.data.ActorPoolStrategy(size=actors),
