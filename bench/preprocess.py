@@ -219,7 +219,7 @@ def single_process(folder: Path) -> dict:
     return {"chars": chars, "seconds": round(seconds, 2), "chars_per_s": chars / seconds,
             "cutter_chars_per_s": chars / fast_seconds,
             "turns_compared": turns_n, "turns_differing": differ, "first_difference": example,
-            "hmm_cache_hit_rate": fast.hmm_cache_hit_rate()}
+            "cache_hit_rates": fast.cache_hit_rates()}
 
 
 # -- Ray stage --------------------------------------------------------------------------------
@@ -331,8 +331,9 @@ def main() -> None:
         print(f"the stage's word cutter: {single['cutter_chars_per_s']:,.0f} chars/s in one "
               f"process; {single['turns_differing']} of {single['turns_compared']:,} turns segmented differently "
               f"from jieba", flush=True)
-        print(f"runs of unknown characters the HMM had split before (remembered): "
-              f"{single['hmm_cache_hit_rate']:.1%}", flush=True)
+        hits = single["cache_hit_rates"]
+        print(f"cut before (remembered by the cutter): {hits['blocks']:.1%} of blocks, "
+              f"{hits['hmm_runs']:.1%} of the unknown-character runs of the others", flush=True)
         if single["first_difference"]:
             print(f"  first difference: {single['first_difference']}", flush=True)
 
@@ -352,7 +353,7 @@ def main() -> None:
             "ray_4x_chars_per_s": round(stage_4x["chars_per_s"]),
             "cutter_chars_per_s": round(single["cutter_chars_per_s"]),
             "cutter_identical_to_jieba": single["turns_differing"] == 0, "turns_compared": single["turns_compared"],
-            "hmm_cache_hit_rate": round(single["hmm_cache_hit_rate"], 3),
+            "cache_hit_rates": {k: round(v, 3) for k, v in single["cache_hit_rates"].items()},
             "peak_mb_1x": stage_1x["peak_mb"], "peak_mb_4x": stage_4x["peak_mb"],
             "above_idle_mb_1x": stage_1x["peak_mb"] - stage_1x["idle_mb"],
             "above_idle_mb_4x": stage_4x["peak_mb"] - stage_4x["idle_mb"],

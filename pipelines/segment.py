@@ -8,8 +8,9 @@ The words are exactly jieba 0.42's (`jieba.lcut`, accurate mode, HMM for unknown
 found about twice as fast by `WordCutter`, a jieba.Tokenizer (same dictionary, user
 dictionaries and HMM) whose `lcut` restates jieba's `cut` + `__cut_DAG` + `get_DAG` +
 `calc` as one pass that builds a list instead of a chain of generators and dicts, and
-remembers the HMM's split of each run of unknown characters (a pure function of the run:
-names and rare words come back again and again in chat text). jieba_fast is not used: its
+remembers the words of recent blocks (the runs of Chinese and alphanumerics between
+punctuation) and the HMM's split of recent runs of unknown characters: both are pure
+functions of their text, and chat repeats its clauses and names a lot. jieba_fast is not used: its
 C route keeps the first of equal-scoring words where jieba keeps the last (哈哈哈哈哈哈哈
 comes out differently) and its C HMM splits characters missing from the HMM tables
 differently. `make_tokenizer` checks the cutter against jieba's own code on `_PROBE_TEXTS`
@@ -72,13 +73,21 @@ def _word_cutter_class():
 
         use_jieba_code = False  # set when the probe check finds a difference: plain jieba then
 
-        def __init__(self, hmm_cache: int = 1 << 16):
+        def __init__(self, block_cache: int = 1 << 16, hmm_cache: int = 1 << 16):
             super().__init__()
+            # Both are pure functions of their text (the dictionary is loaded before the first
+            # cut): chat repeats its clauses (好的 / 哈哈 / 你呢) and its unknown names a lot.
+            # ~25 MB for the block cache when full.
+            self._block = functools.lru_cache(maxsize=block_cache)(self._cut_block)
             self._hmm = functools.lru_cache(maxsize=hmm_cache)(lambda run: tuple(finalseg.cut(run)))
 
-        def hmm_cache_hit_rate(self) -> float:
-            info = self._hmm.cache_info()
-            return info.hits / max(1, info.hits + info.misses)
+        def cache_hit_rates(self) -> dict[str, float]:
+            """Share of blocks and of unknown-character runs that were cut before."""
+            rates = {}
+            for name, cache in (("blocks", self._block), ("hmm_runs", self._hmm)):
+                info = cache.cache_info()
+                rates[name] = info.hits / max(1, info.hits + info.misses)
+            return rates
 
         def route_ends(self, block: str) -> list[int]:
             """ends[x]: the last index of the best-route word that starts at x.
@@ -118,9 +127,10 @@ def _word_cutter_class():
             else:
                 out.extend(run)
 
-        def _cut_block(self, block: str, out: list) -> None:
+        def _cut_block(self, block: str) -> tuple[str, ...]:
             """jieba's __cut_DAG: words of the best route; runs of single characters between
             them are unknown words for the HMM."""
+            out: list[str] = []
             ends = self.route_ends(block)
             x, n, run = 0, len(block), ""
             while x < n:
@@ -135,6 +145,7 @@ def _word_cutter_class():
                 x = y
             if run:
                 self._unknown_run(out, run)
+            return tuple(out)
 
         def lcut(self, sentence, cut_all=False, HMM=True, use_paddle=False):
             if cut_all or not HMM or use_paddle or self.use_jieba_code or not isinstance(sentence, str):
@@ -148,7 +159,7 @@ def _word_cutter_class():
                 if not blk:
                     continue
                 if re_han.match(blk):
-                    self._cut_block(blk, out)
+                    out.extend(self._block(blk))
                 else:
                     for x in re_skip.split(blk):
                         if re_skip.match(x):
