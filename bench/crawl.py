@@ -126,13 +126,18 @@ def served_concurrency(server: RemoteSite) -> tuple[float, int]:
 
 
 def main() -> None:
+    from zhchat.config import CrawlConfig
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pages", type=int, default=2000, help="At least this many pages on the site")
     ap.add_argument("--quick", action="store_true", help="~200 pages: a smoke run")
     ap.add_argument("--delay", type=float, default=0.05, help="Server seconds per request")
     ap.add_argument("--concurrency", type=int, default=8, help="per_host_concurrency N")
-    ap.add_argument("--workers", type=int, default=2, help="Ray Data fetch tasks at once (the config default)")
-    ap.add_argument("--batch-size", type=int, default=32)
+    defaults = CrawlConfig.model_fields
+    ap.add_argument("--workers", type=int, default=defaults["workers"].default,
+                    help="Ray Data fetch tasks at once (default: the config's)")
+    ap.add_argument("--batch-size", type=int, default=defaults["batch_size"].default,
+                    help="URLs per task, also its requests in flight (default: the config's)")
     ap.add_argument("--num-cpus", type=int, default=4, help="Logical CPUs of the local Ray cluster")
     ap.add_argument("--sequential-pages", type=int, default=100)
     args = ap.parse_args()
@@ -143,7 +148,6 @@ def main() -> None:
     import ray
 
     from pipelines.crawl import crawl
-    from zhchat.config import CrawlConfig
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
     work = tempfile.mkdtemp(prefix="zhchat-bench-crawl-")

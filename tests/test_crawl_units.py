@@ -196,6 +196,23 @@ def test_limiter_core_takes_released_leases_with_the_next_acquire():
     assert second != first and active == 1
 
 
+def test_limiter_core_spaces_the_next_start_from_a_reused_lease():
+    """A client that reused its lease reports when its last request started; the host's next
+    start waits the interval from that one, not from when the actor granted the lease."""
+    async def main():
+        core = HostLimiterCore(concurrency=1, rps=1000, lease_ttl_s=30)
+        await core.set_crawl_delay("h", 0.3)
+        lease, spacing, _, _ = await core.lease("h")
+        await asyncio.sleep(0.35)  # the client's own second request starts now, spaced by itself
+        t = time.monotonic()
+        await core.lease("h", [("h", lease, 2, 0.0)])  # handed back right after that start
+        return spacing, time.monotonic() - t
+
+    spacing, waited = asyncio.run(main())
+    assert spacing == pytest.approx(0.3)
+    assert waited >= 0.3 * 0.95  # without the report it would start at once (0.35 s after the grant)
+
+
 def test_limiter_core_forget_withdraws_waiting_and_takes_back_granted():
     async def main():
         core = HostLimiterCore(concurrency=1, rps=1000, lease_ttl_s=30)

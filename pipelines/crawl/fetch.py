@@ -81,7 +81,7 @@ class ActorLimiter:
         self._waiting: dict[str, collections.deque[asyncio.Future]] = collections.defaultdict(collections.deque)
         self._asking: collections.Counter[str] = collections.Counter()  # lease requests in flight
         self._cap: dict[str, int] = {}  # the host's concurrency, as the actor last said
-        self._done: list[tuple[str, int, int]] = []
+        self._done: list[tuple[str, int, int, float]] = []  # host, lease, requests, last start
         self._flush: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task] = set()
         self._tickets: set[tuple[str, int]] = set()  # lease requests not answered yet
@@ -114,7 +114,7 @@ class ActorLimiter:
             task.add_done_callback(self._tasks.discard)
 
     async def _ask(self, host: str) -> None:
-        done, self._done = self._done, []
+        done, self._done = self._sent_back(), []
         self._next_ticket += 1
         ticket = (self._client_id, self._next_ticket)
         self._tickets.add(ticket)
@@ -138,7 +138,8 @@ class ActorLimiter:
             if not fut.done():  # a waiter may have been cancelled
                 fut.set_result(lease)
                 return
-        self._done.append((host, lease, self._held.pop(lease).uses))  # the actor counts requests from this
+        held = self._held.pop(lease)
+        self._done.append((host, lease, held.uses, held.last_start))  # the actor counts requests from this
         if self._flush is None:
             self._flush = asyncio.get_running_loop().call_soon(self.flush)
 
@@ -157,8 +158,15 @@ class ActorLimiter:
         """Send every lease given back in this turn that no lease request took along."""
         self._flush = None
         if self._done:
-            done, self._done = self._done, []
+            done, self._done = self._sent_back(), []
             self.h.release_many.remote(done)
+
+    def _sent_back(self) -> list[tuple[str, int, int, float]]:
+        """The leases given back, each with how long ago its last request started: the actor
+        spaces the host's next start from that one (its own clock may be another node's), so
+        a Crawl-delay holds across a hand-back too."""
+        now = time.monotonic()
+        return [(host, lease, uses, max(0.0, now - last)) for host, lease, uses, last in self._done]
 
     async def pause(self, host: str, seconds: float) -> None:
         for held in self._held.values():

@@ -212,13 +212,17 @@ class HostLimiterCore:
         self._release_all(leases)
 
     def _release_all(self, leases: list[tuple] | tuple) -> None:
-        """(host, lease) or, from a ticketed client, (host, lease, requests made with it) for
-        each lease handed back."""
+        """(host, lease) or, from a ticketed client, (host, lease, requests made with it,
+        seconds since the last of them started) for each lease handed back. The client's
+        starts count as the host's: the next one is spaced from its last (a message's delay
+        only makes that later, never earlier)."""
         now = time.monotonic()
-        for host, lease, *uses in leases:
+        for host, lease, *reuse in leases:
             h = self._host(host)
-            if uses and uses[0]:
-                self._count(h, uses[0], now)
+            if reuse and reuse[0]:
+                self._count(h, reuse[0], now)
+            if len(reuse) > 1:
+                h.last_start = max(h.last_start, now - reuse[1])
             self._drop(h, lease)
 
     async def forget(self, tickets: list) -> None:
