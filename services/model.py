@@ -27,18 +27,19 @@ def _error(status: int, message: str, param: str | None, code: str) -> dict:
 @serve.deployment
 class ChatModel:
     def __init__(self, cfg: dict):
-        import torch
-
         from zhchat.blocklist import Blocklist
-        from zhchat.generation import Engine
+        from zhchat.engine_process import EngineProcess
 
         self.cfg = ServeConfig.model_validate(cfg)
         if not self.cfg.model:
             raise ValueError("no model to serve: set serve.model in the config, --model, or ZHCHAT_MODEL")
-        # Ray gives a replica OMP_NUM_THREADS=1 for fractional CPUs; match torch to the CPUs asked for.
-        torch.set_num_threads(max(1, int(round(self.cfg.replica_cpus))))
-        self.engine = Engine.from_pretrained(self.cfg.model, max_batch_size=self.cfg.max_batch_size)
+        # The model runs in a child process: this one's event loop streams every delta in
+        # Python, which would hold the GIL its forward passes need (zhchat/engine_process.py).
+        # Ray gives a replica OMP_NUM_THREADS=1 for fractional CPUs; torch gets the CPUs asked for.
+        self.engine = EngineProcess(self.cfg.model, max_batch_size=self.cfg.max_batch_size,
+                                    threads=max(1, int(round(self.cfg.replica_cpus))))
         self.blocklist = Blocklist.load(self.cfg.blocklist_file)
+        self._interval = self.cfg.stream_interval_ms / 1000
         self.engine.check_health()  # warm-up: the first user does not pay for lazy init
 
     # -- helpers ------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ class ChatModel:
         used = 0
         for attempt, sp in self._seeds(params):
             parts, last = [], None
-            async for d in self.engine.astream(prompt, sp):
+            async for d in self.engine.astream(prompt, sp):  # consumed here: no pacing
                 parts.append(d.text)
                 last = d
             used += last.completion_tokens
@@ -102,14 +103,14 @@ class ChatModel:
             yield err
             return
         if not self.blocklist:
-            async for d in self.engine.astream(prompt, params):
+            async for d in self.engine.astream(prompt, params, self._interval):
                 yield {"text": d.text, "finish_reason": d.finish_reason,
                        "prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens}
             return
         used = 0
         for attempt, sp in self._seeds(params):
             guard, sent = StreamGuard(self.blocklist), False
-            async with contextlib.aclosing(self.engine.astream(prompt, sp)) as deltas:
+            async with contextlib.aclosing(self.engine.astream(prompt, sp, self._interval)) as deltas:
                 async for d in deltas:
                     out, blocked = guard.feed(d.text, final=bool(d.finish_reason))
                     if blocked:

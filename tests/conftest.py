@@ -18,7 +18,10 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # What zhchat's own local clusters use (RayConfig.serve_throughput_optimized), so the Serve
 # tests run the mode users get.
-os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+from zhchat.runtime import high_throughput_serve_env  # noqa: E402
+
+for _key, _value in high_throughput_serve_env().items():
+    os.environ.setdefault(_key, _value)
 
 SAMPLE_TEXTS = [
     "你好，今天天气怎么样？", "今天天气很好，我们去公园散步吧。", "好啊，几点出发？", "下午三点吧。",

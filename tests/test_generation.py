@@ -113,11 +113,34 @@ def sample_loop(e, params: SamplingParams, steps: int, logits: torch.Tensor) -> 
     """The engine's sampler over fixed logits (the model always prefers the same tokens),
     the worst case for repetition."""
     req = _Request([0], params, lambda d: None, _Detokenizer(e.tokenizer), torch.Generator().manual_seed(0))
-    counts = torch.zeros(1, e.vocab_size)
     for _ in range(steps):
-        req.out.append(e._sample(logits.clone()[None], [req], counts)[0])
+        req.out.append(e._sample(logits.clone()[None], [req])[0])
         req.note_ngram()
     return req.out
+
+
+def test_penalties_are_the_dense_formula(engine):
+    """The sampler penalises only the tokens a row generated; the greedy choice must be the
+    one the whole-row formula gives (repetition divides positive logits and multiplies
+    negative ones, presence subtracts once per seen token, frequency once per occurrence)."""
+    g = torch.Generator().manual_seed(1)
+    for trial in range(200):
+        logits = torch.randn(engine.vocab_size, generator=g) * 2
+        out = torch.randint(0, 30, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+        rep, pres, freq = [float(x) for x in (torch.rand(3, generator=g) * torch.tensor([3.0, 2.0, 2.0]))]
+        params = SamplingParams(temperature=0, repetition_penalty=max(rep, 0.1), presence_penalty=pres,
+                                frequency_penalty=freq, no_repeat_ngram_size=0)
+        counts = torch.zeros(engine.vocab_size)
+        for t in out:
+            counts[t] += 1
+        seen = counts > 0
+        dense = torch.where(seen, torch.where(logits > 0, logits / params.repetition_penalty,
+                                              logits * params.repetition_penalty), logits)
+        dense = dense - pres * seen - freq * counts
+        dense[len(engine.tokenizer):] = float("-inf")
+        req = _Request([0], params, lambda d: None, _Detokenizer(engine.tokenizer), torch.Generator())
+        req.out = list(out)
+        assert engine._sample(logits.clone()[None], [req]) == [int(dense.argmax())], trial
 
 
 def test_no_repeat_ngram_and_penalties(engine):

@@ -17,6 +17,7 @@ Used by `zhchat chat` (stream), evaluation (chat_batch) and the Serve model depl
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import os
 import queue
@@ -224,51 +225,20 @@ def local_checkpoint(path: str) -> str:
 # -- engine ----------------------------------------------------------------------------------
 
 
-class Engine:
-    """Continuous-batching generation over one model. Thread-safe; one loop thread."""
+class EngineClient:
+    """The request side of an engine, built on submit() and cancel(): prompts, streams,
+    batches, health checks. Engine runs the model in a thread of this process;
+    zhchat.engine_process.EngineProcess runs it in a child process (for servers)."""
 
-    def __init__(self, model, tokenizer, context_length: int | None = None,
-                 max_batch_size: int = 16, device: str | None = None):
-        self.device = torch.device(device or best_device())
-        self.model = model.to(self.device).eval()
-        self.tokenizer = tokenizer
-        n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
-        self.context_length = min(context_length or n_pos, n_pos)
-        self.fmt = DialogueFormat(tokenizer, self.context_length)
-        self.max_batch_size = max_batch_size
-        self.vocab_size = model.config.vocab_size
-        # Every dialogue special token ends a reply: a role token means the model skipped <|end|>.
-        self.stop_ids = {tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-        # Embedding rows beyond the tokenizer (padding to a round size) are never sampled.
-        self._invalid = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
-        self._invalid[len(tokenizer):] = True
-        self._pad_id = self.fmt.eos_id
-        self._cv = threading.Condition()
-        self._waiting: list[_Request] = []
-        self._thread: threading.Thread | None = None
-        self._closed = False
-        self.error: str | None = None  # last forward-pass failure, for health checks
-        self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "steps": 0, "max_batch": 0}
-        self._reset_batch()
+    fmt: DialogueFormat
+    context_length: int
 
-    @classmethod
-    def from_pretrained(cls, path: str, device: str | None = None, max_batch_size: int = 16,
-                        context_length: int | None = None) -> "Engine":
-        """Load a checkpoint folder, run folder or cloud URI (model + tokenizer, HF format)."""
-        from transformers import AutoModelForCausalLM
+    def submit(self, prompt: list[int], params: SamplingParams, sink: Callable[[Delta], None]):
+        """Queue a request; `sink` is called (from another thread) with each Delta."""
+        raise NotImplementedError
 
-        from .tokenizer import load_tokenizer
-
-        local = local_checkpoint(path)
-        dev = device or best_device()
-        # bf16 on GPUs that have it (fp16 otherwise); fp32 on CPU where bf16 is slower.
-        dtype = autocast_dtype(dev) or torch.float32
-        model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype)
-        tok = load_tokenizer(local)
-        if len(tok) > model.config.vocab_size:
-            raise ValueError(f"tokenizer at {path} has {len(tok)} tokens but the model only "
-                             f"{model.config.vocab_size}: they do not belong together")
-        return cls(model, tok, context_length=context_length, max_batch_size=max_batch_size, device=dev)
+    def cancel(self, req) -> None:
+        raise NotImplementedError
 
     # -- prompts -----------------------------------------------------------------------------
     def chat_prompt(self, messages: Sequence[Message], max_tokens: int) -> list[int]:
@@ -283,27 +253,6 @@ class Engine:
                 f"the prompt is {len(ids)} tokens; with max_tokens={max_tokens} it exceeds "
                 f"the context of {self.context_length} tokens")
         return ids
-
-    # -- public APIs ---------------------------------------------------------------------------
-    def submit(self, prompt: list[int], params: SamplingParams, sink: Callable[[Delta], None]) -> _Request:
-        """Queue a request; `sink` is called from the engine thread with each Delta."""
-        if len(prompt) + 1 > self.context_length:
-            raise PromptTooLong(f"the prompt is {len(prompt)} tokens; the context is {self.context_length}")
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-        req = _Request(list(prompt), params, sink, _Detokenizer(self.tokenizer), gen)
-        with self._cv:
-            if self._closed:
-                raise EngineError("engine is closed")
-            self._waiting.append(req)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="zhchat-engine", daemon=True)
-                self._thread.start()
-            self._cv.notify()
-        return req
-
-    def cancel(self, req: _Request) -> None:
-        req.cancelled = True
 
     def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[Delta]:
         """Blocking iterator of Deltas (for the terminal chat)."""
@@ -320,22 +269,39 @@ class Engine:
         finally:
             self.cancel(req)
 
-    async def astream(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        """Async iterator of Deltas (for the Serve deployment); cancels on early exit."""
+    async def astream(self, prompt: list[int], params: SamplingParams,
+                      min_interval_s: float = 0.0) -> AsyncIterator[Delta]:
+        """Async iterator of Deltas (for the Serve deployment); cancels on early exit.
+
+        The first delta goes out as soon as it exists; later ones at most every
+        `min_interval_s`, each carrying what arrived in between, and the last at once.
+        Under load every message through Serve costs more CPU than the text in it (at 16
+        streams, more than the model itself: bench/serve.py), and a reader does not see a
+        difference between 20 updates a second and 60."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Delta] = asyncio.Queue()
         req = self.submit(prompt, params, lambda d: loop.call_soon_threadsafe(q.put_nowait, d))
+        last_sent = None
         try:
             while True:
                 d = await q.get()
-                # Deltas that piled up while the consumer was busy go out as one: under load
-                # each message through Serve costs more than the text in it (no added latency:
-                # only what is already here is merged).
+                # Until the interval is up, more text joins this delta; the end of the reply
+                # (or an error) is never held back.
+                while last_sent is not None and not (d.error or d.finish_reason):
+                    left = last_sent + min_interval_s - loop.time()
+                    if left <= 0:
+                        break
+                    try:
+                        d = _merge_deltas(d, await asyncio.wait_for(q.get(), left))
+                    except asyncio.TimeoutError:
+                        break
+                # Deltas that piled up meanwhile go out as one (only what is already here).
                 while not d.error and not d.finish_reason and not q.empty():
                     d = _merge_deltas(d, q.get_nowait())
                 if d.error:
                     raise EngineError(d.error)
                 yield d
+                last_sent = loop.time()
                 if d.finish_reason:
                     return
         finally:
@@ -392,12 +358,96 @@ class Engine:
         if d.error:
             raise EngineError(d.error)
 
+
+class Engine(EngineClient):
+    """Continuous-batching generation over one model. Thread-safe; one loop thread."""
+
+    def __init__(self, model, tokenizer, context_length: int | None = None,
+                 max_batch_size: int = 16, device: str | None = None):
+        self.device = torch.device(device or best_device())
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
+        self.context_length = min(context_length or n_pos, n_pos)
+        self.fmt = DialogueFormat(tokenizer, self.context_length)
+        self.max_batch_size = max_batch_size
+        self.vocab_size = model.config.vocab_size
+        # Every dialogue special token ends a reply: a role token means the model skipped <|end|>.
+        self.stop_ids = {tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+        # Embedding rows beyond the tokenizer (padding to a round size) are never sampled.
+        self._invalid = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+        self._invalid[len(tokenizer):] = True
+        self._has_invalid = bool(self._invalid.any())
+        self._pad_id = self.fmt.eos_id
+        self._cv = threading.Condition()
+        self._inbox: Callable[[bool], None] | None = None  # see run()
+        self._waiting: list[_Request] = []
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.error: str | None = None  # last forward-pass failure, for health checks
+        self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "steps": 0, "max_batch": 0}
+        # Called by the loop thread after every step (and after failing requests), once the
+        # step's deltas have gone to their sinks: EngineProcess sends them on as one message.
+        self.after_step: Callable[[], None] | None = None
+        self._reset_batch()
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str | None = None, max_batch_size: int = 16,
+                        context_length: int | None = None) -> "Engine":
+        """Load a checkpoint folder, run folder or cloud URI (model + tokenizer, HF format)."""
+        from transformers import AutoModelForCausalLM
+
+        from .tokenizer import load_tokenizer
+
+        local = local_checkpoint(path)
+        dev = device or best_device()
+        # bf16 on GPUs that have it (fp16 otherwise); fp32 on CPU where bf16 is slower.
+        dtype = autocast_dtype(dev) or torch.float32
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype)
+        tok = load_tokenizer(local)
+        if len(tok) > model.config.vocab_size:
+            raise ValueError(f"tokenizer at {path} has {len(tok)} tokens but the model only "
+                             f"{model.config.vocab_size}: they do not belong together")
+        return cls(model, tok, context_length=context_length, max_batch_size=max_batch_size, device=dev)
+
+    # -- requests ----------------------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams, sink: Callable[[Delta], None]) -> _Request:
+        """Queue a request; `sink` is called from the engine thread with each Delta."""
+        if len(prompt) + 1 > self.context_length:
+            raise PromptTooLong(f"the prompt is {len(prompt)} tokens; the context is {self.context_length}")
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        req = _Request(list(prompt), params, sink, _Detokenizer(self.tokenizer), gen)
+        with self._cv:
+            if self._closed:
+                raise EngineError("engine is closed")
+            self._waiting.append(req)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="zhchat-engine", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return req
+
+    def cancel(self, req: _Request) -> None:
+        req.cancelled = True
+
     def close(self) -> None:
         with self._cv:
             self._closed = True
             self._cv.notify()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
+
+    def run(self, inbox: Callable[[bool], None]) -> None:
+        """Run the loop in this thread, with requests from `inbox(block)` instead of other
+        threads: it is called between steps (block=False) and when there is nothing to do
+        (block=True), and submits, cancels or closes through this engine. For a process that
+        only runs the engine (zhchat/engine_process.py): a request's arrival then wakes the
+        loop itself, not a reader thread that wakes the loop (each wake-up of an idle thread
+        cost ~2 ms of time to first token on this VM)."""
+        self._inbox = inbox
+        self._thread = threading.current_thread()
+        self._loop()
 
     # -- the loop ------------------------------------------------------------------------------
     def _reset_batch(self) -> None:
@@ -406,15 +456,20 @@ class Engine:
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [B, T]
         self._next = torch.zeros(0, dtype=torch.long, device=self.device)     # [B] token to feed
         self._pos = torch.zeros(0, dtype=torch.long, device=self.device)      # [B] its position
-        self._counts = torch.zeros(0, self.vocab_size, device=self.device)    # [B, V] reply token counts
 
     def _loop(self) -> None:
         while True:
-            with self._cv:
+            if self._inbox is not None:
+                self._inbox(False)
+            with self._cv:  # an RLock: the inbox may submit from inside it
                 while not self._closed and not self._waiting and not self._rows:
-                    self._cv.wait()
+                    if self._inbox is None:
+                        self._cv.wait()
+                    else:
+                        self._inbox(True)
                 if self._closed:
                     self._fail(self._waiting + self._rows, "engine closed")
+                    self._step_done()
                     return
                 free = self.max_batch_size - len(self._rows)
                 joiners, self._waiting = self._waiting[:free], self._waiting[free:]
@@ -429,6 +484,11 @@ class Engine:
                 self.error = f"{type(e).__name__}: {e}"
                 self._fail(joiners + self._rows, self.error)
                 self._reset_batch()
+            self._step_done()
+
+    def _step_done(self) -> None:
+        if self.after_step is not None:
+            self.after_step()
 
     def _fail(self, reqs: list[_Request], message: str) -> None:
         for r in reqs:
@@ -454,19 +514,18 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self._forward(ids, mask, pos, DynamicCache(config=self.model.config))
-        counts = torch.zeros(n, self.vocab_size, device=self.device)
-        tokens = self._sample(logits, reqs, counts)
+        tokens = self._sample(logits, reqs)
         self.stats["requests"] += n
         self.stats["prompt_tokens"] += sum(len(r.prompt) for r in reqs)
         nxt = torch.tensor(tokens, dtype=torch.long, device=self.device)
         new_pos = mask.sum(-1)
-        self._merge(reqs, cache, mask, nxt, new_pos, counts)
+        self._merge(reqs, cache, mask, nxt, new_pos)
         self._after_step(tokens_by_row={r.id: t for r, t in zip(reqs, tokens)})
 
-    def _merge(self, reqs, cache, mask, nxt, pos, counts) -> None:
+    def _merge(self, reqs, cache, mask, nxt, pos) -> None:
         if self._cache is None:
             self._rows, self._cache, self._mask = list(reqs), cache, mask
-            self._next, self._pos, self._counts = nxt, pos, counts
+            self._next, self._pos = nxt, pos
             return
         t_old, t_new = self._mask.shape[1], mask.shape[1]
         width = max(t_old, t_new)
@@ -485,45 +544,52 @@ class Engine:
         self._rows += list(reqs)
         self._next = torch.cat([self._next, nxt])
         self._pos = torch.cat([self._pos, pos])
-        self._counts = torch.cat([self._counts, counts])
 
     def _decode(self) -> None:
         b = len(self._rows)
         self._mask = torch.cat([self._mask, self._mask.new_ones(b, 1)], 1)
         logits, self._cache = self._forward(self._next[:, None], self._mask, self._pos[:, None], self._cache)
         self._pos = self._pos + 1
-        tokens = self._sample(logits, self._rows, self._counts)
+        tokens = self._sample(logits, self._rows)
         self._next = torch.tensor(tokens, dtype=torch.long, device=self.device)
         self.stats["steps"] += 1
         self.stats["max_batch"] = max(self.stats["max_batch"], b)
         self._after_step(tokens_by_row={r.id: t for r, t in zip(self._rows, tokens)})
 
-    def _sample(self, logits: torch.Tensor, reqs: list[_Request], counts: torch.Tensor) -> list[int]:
-        """Next token per row with that row's penalties, bans, temperature, top-k/p and seed."""
-        logits = logits.float()
-        bad = ~torch.isfinite(logits).all(-1)
-        if bad.any():
+    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int]:
+        """Next token per row with that row's penalties, bans, temperature, top-k/p and seed.
+
+        Penalties touch only the tokens a row has generated (a few dozen), not its whole
+        vocabulary row: whole-row masks for three penalties were a fifth of a decode step."""
+        logits = logits.float()  # [B, V]
+        if not torch.isfinite(logits.sum(-1)).all():  # any inf or nan makes its row's sum one
             raise EngineError("the model produced non-finite logits")
-        dev, b = logits.device, len(reqs)
-        col = lambda xs: torch.tensor(xs, dtype=torch.float32, device=dev)[:, None]  # noqa: E731
-        rep = col([r.params.repetition_penalty for r in reqs])
-        seen = counts > 0
-        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
-        logits = logits - col([r.params.presence_penalty for r in reqs]) * seen
-        logits = logits - col([r.params.frequency_penalty for r in reqs]) * counts
-        logits = logits.masked_fill(self._invalid, float("-inf"))
+        dev = logits.device
+        col = lambda xs: torch.tensor(xs, dtype=torch.float32, device=dev)  # noqa: E731
+        rows, cols, rep, minus = [], [], [], []
+        for i, r in enumerate(reqs):
+            p = r.params
+            if r.out and (p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty):
+                counts = collections.Counter(r.out)
+                rows += [i] * len(counts)
+                cols += counts.keys()
+                rep += [p.repetition_penalty] * len(counts)
+                minus += [(p.presence_penalty, p.frequency_penalty * n) for n in counts.values()]
+        if rows:
+            at = (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev))
+            v, penalty = logits[at], col(rep)
+            pres, freq = col(minus).unbind(-1)
+            logits[at] = torch.where(v > 0, v / penalty, v * penalty) - pres - freq
+        if self._has_invalid:
+            logits = logits.masked_fill(self._invalid, float("-inf"))
         for i, r in enumerate(reqs):
             banned = r.banned_next()
             if banned:
                 logits[i, banned] = float("-inf")
-        greedy = logits.argmax(-1)
         temps = [r.params.temperature for r in reqs]
         if all(t == 0 for t in temps):
-            tokens = greedy.tolist()
-            for i, t in enumerate(tokens):
-                counts[i, t] += 1
-            return tokens
-        logits = logits / col([t if t > 0 else 1.0 for t in temps])
+            return logits.argmax(-1).tolist()
+        logits = logits / col([t if t > 0 else 1.0 for t in temps])[:, None]
         ks = [r.params.top_k if 0 < r.params.top_k < logits.shape[-1] else logits.shape[-1] for r in reqs]
         kmax = max(ks)
         if kmax < logits.shape[-1]:
@@ -531,20 +597,19 @@ class Engine:
         else:
             top, idx = logits.sort(dim=-1, descending=True)
         rank = torch.arange(top.shape[-1], device=dev)[None, :]
-        top = top.masked_fill(rank >= torch.tensor(ks, device=dev)[:, None], float("-inf"))
+        if min(ks) < kmax:
+            top = top.masked_fill(rank >= torch.tensor(ks, device=dev)[:, None], float("-inf"))
         probs = top.softmax(-1)
         cum = probs.cumsum(-1)
-        top_p = col([r.params.top_p for r in reqs])
+        top_p = col([r.params.top_p for r in reqs])[:, None]
         probs = probs.masked_fill((cum - probs > top_p) & (rank > 0), 0.0)  # keep the best always
         cum = probs.cumsum(-1)
         u = torch.cat([torch.rand(1, generator=r.gen) for r in reqs]).to(dev) * cum[:, -1]
         choice = torch.searchsorted(cum, u[:, None]).clamp(max=top.shape[-1] - 1)
-        sampled = idx.gather(1, choice).squeeze(1)
-        is_greedy = torch.tensor([t == 0 for t in temps], device=dev)
-        tokens = torch.where(is_greedy, greedy, sampled).tolist()
-        for i, t in enumerate(tokens):
-            counts[i, t] += 1
-        return tokens
+        tokens = idx.gather(1, choice).squeeze(1)
+        if any(t == 0 for t in temps):  # greedy rows: the best token (rank 0 of the sorted top)
+            tokens = torch.where(col([t == 0 for t in temps]) > 0, idx[:, 0], tokens)
+        return tokens.tolist()
 
     def _after_step(self, tokens_by_row: dict[int, int]) -> None:
         """Feed sampled tokens to their requests, send deltas, drop finished rows."""
@@ -566,7 +631,7 @@ class Engine:
         idx = torch.tensor(keep, dtype=torch.long, device=self.device)
         self._rows = [self._rows[i] for i in keep]
         self._mask, self._next = self._mask[idx], self._next[idx]
-        self._pos, self._counts = self._pos[idx], self._counts[idx]
+        self._pos = self._pos[idx]
         # Columns that are padding in every remaining row are dead weight: cut them.
         cut = int((self._mask.sum(0) == 0).long().cumprod(0).sum())
         self._mask = self._mask[:, cut:]

@@ -15,11 +15,12 @@ class RayConfig(Section):
     # API the dashboard serves (without it Train logs a warning every few seconds). It costs
     # about 1 GB of RAM; turn it off on very small machines.
     include_dashboard: bool = Field(True, description="Start the Ray dashboard with a local cluster (~1 GB RSS)")
-    # Ray's own high-throughput Serve mode (Ray >= 2.55): the FastAPI ingress replica answers
-    # HTTP itself instead of behind the proxy actor, replicas talk over direct gRPC, and user
-    # code runs on the replica's event loop. On the serve benchmark it cut time to first token
-    # over HTTP and raised tokens/s at 16 clients. It must be in the environment of every Ray
-    # process, so it applies to the local cluster zhchat starts; on a cluster set it in the
-    # cluster's environment (see deploy/).
+    # Ray's own high-throughput Serve mode (Ray >= 2.55, zhchat.runtime.high_throughput_serve_env):
+    # HAProxy answers HTTP and hands requests to the FastAPI ingress replicas' own ports instead
+    # of the Python proxy actor, replicas talk over direct gRPC, and user code runs on the
+    # replica's event loop. On the serve benchmark it cut time to first token over HTTP and
+    # raised tokens/s at 16 clients. It must be in the environment of every Ray process, so it
+    # applies to the local cluster zhchat starts; on a cluster set it in the cluster's
+    # environment (see deploy/).
     serve_throughput_optimized: bool = Field(
-        True, description="Set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for a local cluster this command starts")
+        True, description="Ray's high-throughput Serve mode (HAProxy ingress, direct gRPC) for a local cluster this command starts")

@@ -41,6 +41,8 @@ class ServeConfig(Section):
     health_check_period_s: float = Field(10, gt=0)
     health_check_timeout_s: float = Field(30, gt=0)
     max_batch_size: int = Field(16, ge=1, description="Sequences decoded together in one replica")
+    stream_interval_ms: float = Field(
+        50, ge=0, description="A streamed reply's deltas go out at most this often, merged (the first at once); 0: every token")
     # -- request limits (each violation is a 4xx naming the field)
     max_messages: int = Field(64, ge=1)
     max_message_chars: int = Field(4000, ge=1)
