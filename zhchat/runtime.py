@@ -45,13 +45,26 @@ def high_throughput_serve_env() -> dict[str, str]:
     8404/9101 (on all interfaces, as Ray's template has them): one set per machine. Each
     local cluster here gets its own folder and free ports, so two on one machine (the
     tests, a bench beside `zhchat serve`) do not share one HAProxy's socket or ports."""
+    import random
     import socket
     import tempfile
 
     def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+        # Not a kernel-chosen port: those come from the ephemeral range, where Ray's own
+        # processes bind theirs after this returns (its dashboard agent's 52365 was taken
+        # this way, and HAProxy failed to start). Ports 20000-29999 lie above Ray's worker
+        # ports (10002-19999), below Serve's direct-ingress ports (30000-31000, 40000-41000)
+        # and below Linux's ephemeral range (32768-60999).
+        rng = random.SystemRandom()
+        for _ in range(100):
+            port = rng.randint(20000, 29999)
+            with socket.socket() as s:
+                try:
+                    s.bind(("0.0.0.0", port))  # HAProxy listens on all interfaces
+                except OSError:
+                    continue
+                return port
+        raise RuntimeError("no free port in 20000-29999 for HAProxy's stats and metrics")
 
     folder = tempfile.mkdtemp(prefix="zhchat-haproxy-")
     return {
