@@ -10,7 +10,9 @@ at each concurrency level for a bounded time. In the same run it measures sequen
 
 Targets: speedup_c16 = tokens/s at concurrency 16 / sequential generate >= 4;
 ttft_overhead_ms = HTTP TTFT p50 at concurrency 1 - in-process TTFT p50 <= 15; errors = 0.
-The last line is one JSON object.
+Inter-token latency (ITL) is per token: a request's time from first to last text over its
+tokens after the first; text arrives in chunks at most every serve.stream_interval_ms
+(chunk gap). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ async def client(url: str, prompts: list[str], max_tokens: int, until: float, st
                     "temperature": 1.0, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.0,
                     "no_repeat_ngram_size": 0, "stream": True, "stream_options": {"include_usage": True}}
             t0 = time.perf_counter()
-            first, last, gaps = None, None, []
+            first, last, gaps, n_tokens = None, None, [], 0
             try:
                 async with c.post(url, json=body) as r:
                     if r.status != 200:
@@ -148,7 +150,8 @@ async def client(url: str, prompts: list[str], max_tokens: int, until: float, st
                             stats["errors"] += 1
                             break
                         if chunk.get("usage"):
-                            stats["tokens"] += chunk["usage"]["completion_tokens"]
+                            n_tokens = chunk["usage"]["completion_tokens"]
+                            stats["tokens"] += n_tokens
                         if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                             now = time.perf_counter()
                             if first is None:
@@ -161,12 +164,15 @@ async def client(url: str, prompts: list[str], max_tokens: int, until: float, st
                 continue
             if first is not None:
                 stats["ttft"].append((first - t0) * 1000)
-                stats["itl"].extend(g * 1000 for g in gaps)
+                # Per token: a chunk carries every token of its stream interval (serve.stream_interval_ms).
+                if n_tokens > 1:
+                    stats["itl"].append((last - first) * 1000 / (n_tokens - 1))
+                stats["chunk_gap"].extend(g * 1000 for g in gaps)
             stats["requests"] += 1
 
 
 async def drive(url: str, prompts: list[str], max_tokens: int, concurrency: int, seconds: float) -> dict:
-    stats = {"tokens": 0, "errors": 0, "requests": 0, "ttft": [], "itl": []}
+    stats = {"tokens": 0, "errors": 0, "requests": 0, "ttft": [], "itl": [], "chunk_gap": []}
     t0 = time.perf_counter()
     until = t0 + seconds
     await asyncio.gather(*[client(url, prompts, max_tokens, until, stats, random.Random(i))
@@ -174,7 +180,8 @@ async def drive(url: str, prompts: list[str], max_tokens: int, concurrency: int,
     elapsed = time.perf_counter() - t0
     return {"concurrency": concurrency, "tokens_per_s": stats["tokens"] / elapsed, "requests": stats["requests"],
             "errors": stats["errors"], "ttft_p50_ms": pct(stats["ttft"], 50), "ttft_p99_ms": pct(stats["ttft"], 99),
-            "itl_p50_ms": pct(stats["itl"], 50), "itl_p99_ms": pct(stats["itl"], 99)}
+            "itl_p50_ms": pct(stats["itl"], 50), "itl_p99_ms": pct(stats["itl"], 99),
+            "chunk_gap_p50_ms": pct(stats["chunk_gap"], 50)}
 
 
 def main() -> None:
@@ -184,6 +191,8 @@ def main() -> None:
     ap.add_argument("--levels", default="1,4,16")
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--cpus", type=float, default=1.0, help="CPUs (= torch threads) of the model replica")
+    ap.add_argument("--stream-interval-ms", type=float, default=None,
+                    help="serve.stream_interval_ms (default: the config's); 0 sends every delta at once")
     a = ap.parse_args()
     seconds = a.seconds or (3.0 if a.quick else 30.0)
     max_tokens = a.max_tokens or (16 if a.quick else 64)
@@ -207,7 +216,8 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cfg = ServeConfig(model=model_dir, port=port, min_replicas=1, max_replicas=1, replica_cpus=a.cpus,
+        pacing = {} if a.stream_interval_ms is None else {"stream_interval_ms": a.stream_interval_ms}
+        cfg = ServeConfig(model=model_dir, port=port, min_replicas=1, max_replicas=1, replica_cpus=a.cpus, **pacing,
                           max_batch_size=16, max_ongoing_requests=64, ingress_cpus=0.25,
                           generation=GenerationDefaults(max_tokens=max_tokens, max_tokens_cap=256))
         base = launch.start(cfg, name="bench", route_prefix="/")
@@ -219,6 +229,7 @@ def main() -> None:
             results.append(r)
             print(f"c={c:>3}: {r['tokens_per_s']:8.1f} tokens/s  TTFT p50 {r['ttft_p50_ms']:6.1f} ms "
                   f"p99 {r['ttft_p99_ms']:6.1f} ms  ITL p50 {r['itl_p50_ms']:6.1f} ms p99 {r['itl_p99_ms']:6.1f} ms  "
+                  f"chunk gap p50 {r['chunk_gap_p50_ms']:5.1f} ms  "
                   f"requests {r['requests']}  errors {r['errors']}", file=sys.stderr)
         serve.shutdown()
         ray.shutdown()
@@ -230,7 +241,7 @@ def main() -> None:
         "ttft_overhead_ms": round(one["ttft_p50_ms"] - seq["ttft_p50_ms"], 1),
         "errors": sum(r["errors"] for r in results),
         "sequential_tokens_per_s": round(seq["tokens_per_s"], 1),
-        "levels": results, "quick": a.quick,
+        "stream_interval_ms": cfg.stream_interval_ms, "levels": results, "quick": a.quick,
     }
     print(json.dumps(summary))
 
