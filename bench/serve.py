@@ -2,8 +2,9 @@
 
 Builds the `small` model from a config (6 layers x 256, vocab ~8k, BPE trained on generated
 text), starts the app (one model replica) and drives it with closed-loop streaming clients
-at each concurrency level for a bounded time. In the same run it measures sequential HF
-`generate` with the same prompts and lengths, and in-process time to first token.
+at each concurrency level for a bounded time. In the same run, before and after the HTTP
+levels, it measures sequential HF `generate` with the same prompts and lengths, and
+in-process time to first token.
 
     python bench/serve.py            # full size (leave to a quiet machine)
     python bench/serve.py --quick    # smoke run: tiny model, short levels
@@ -120,7 +121,7 @@ def sequential_generate(model_dir: str, prompts: list[str], max_tokens: int, thr
     for p in ids:
         ttft.append(first_text(p))
     engine.close()
-    return {"tokens_per_s": seq_tps, "ttft_p50_ms": pct(ttft, 50)}
+    return {"tokens_per_s": seq_tps, "ttft_p50_ms": pct(ttft, 50), "tokens": tokens, "ttft": ttft}
 
 
 async def client(url: str, prompts: list[str], max_tokens: int, until: float, stats: dict, rng: random.Random):
@@ -208,9 +209,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as model_dir:
         build_model(model_dir, a.quick)
-        seq = sequential_generate(model_dir, prompts[: 4 if a.quick else 16], max_tokens, max(1, int(a.cpus)))
-        print(f"sequential generate: {seq['tokens_per_s']:.1f} tokens/s; in-process TTFT p50 "
-              f"{seq['ttft_p50_ms']:.1f} ms", file=sys.stderr)
+        # Sequential generate before and after the HTTP levels: the shared machine's speed
+        # drifts over minutes (one 4-second measurement ranged 186-324 tokens/s across runs).
+        seq_args = (model_dir, prompts[: 4 if a.quick else 16], max_tokens, max(1, int(a.cpus)))
+        before = sequential_generate(*seq_args)
+        print(f"sequential generate: {before['tokens_per_s']:.1f} tokens/s; in-process TTFT p50 "
+              f"{before['ttft_p50_ms']:.1f} ms", file=sys.stderr)
         # The local cluster zhchat itself starts (with Ray's throughput-optimized Serve mode).
         init_ray(RayConfig(num_cpus=4, include_dashboard=False))
         with socket.socket() as s:
@@ -233,6 +237,12 @@ def main() -> None:
                   f"requests {r['requests']}  errors {r['errors']}", file=sys.stderr)
         serve.shutdown()
         ray.shutdown()
+        after = sequential_generate(*seq_args)
+        print(f"sequential generate: {after['tokens_per_s']:.1f} tokens/s; in-process TTFT p50 "
+              f"{after['ttft_p50_ms']:.1f} ms (again)", file=sys.stderr)
+    seq = {"tokens_per_s": (before["tokens"] + after["tokens"]) /  # total tokens / total time
+           (before["tokens"] / before["tokens_per_s"] + after["tokens"] / after["tokens_per_s"]),
+           "ttft_p50_ms": pct(before["ttft"] + after["ttft"], 50)}
     by_c = {r["concurrency"]: r for r in results}
     top = by_c.get(16, results[-1])
     one = by_c.get(1, results[0])
@@ -241,6 +251,7 @@ def main() -> None:
         "ttft_overhead_ms": round(one["ttft_p50_ms"] - seq["ttft_p50_ms"], 1),
         "errors": sum(r["errors"] for r in results),
         "sequential_tokens_per_s": round(seq["tokens_per_s"], 1),
+        "sequential_tokens_per_s_before_after": [round(before["tokens_per_s"], 1), round(after["tokens_per_s"], 1)],
         "stream_interval_ms": cfg.stream_interval_ms, "levels": results, "quick": a.quick,
     }
     print(json.dumps(summary))
