@@ -129,12 +129,10 @@ def save_tokenizer(tok, out_dir: str) -> str:
         os.makedirs(out_dir, exist_ok=True)
         tok.save_pretrained(out_dir)
         return file_sha256(os.path.join(out_dir, "tokenizer.json"))
-    import fsspec
+    from zhchat.storage import upload
 
     with tempfile.TemporaryDirectory() as tmp:
         tok.save_pretrained(tmp)
-        fs, root = fsspec.core.url_to_fs(out_dir)
-        for name in os.listdir(tmp):
-            fs.put_file(os.path.join(tmp, name), f"{root.rstrip('/')}/{name}")
+        upload(tmp, out_dir)
         return file_sha256(os.path.join(tmp, "tokenizer.json"))
 

@@ -49,3 +49,31 @@ def test_run_embedded_default_end_to_end_then_skip(ray_cluster, tmp_path, capsys
     err = capsys.readouterr().err
     for stage in ("ingest", "preprocess", "train", "eval"):
         assert f"{stage}: outputs are complete" in err
+
+
+def test_run_with_every_path_a_uri(ray_cluster, tmp_path, monkeypatch, capsys):
+    """The same run with the workdir given as a file:// URI, so that every stage takes its
+    cloud-storage path (pyarrow / fsspec filesystems, Ray Data and Ray Train on a URI)
+    against a real filesystem; S3 and GCS themselves cannot be reached from here. Nothing
+    may land in a local folder named after the URI."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "bucket"
+    cfg = tmp_path / "uri.yaml"
+    cfg.write_text(
+        f"workdir: {root.as_uri()}/w\n"
+        "train: {preset: tiny, max_steps: 6, checkpoint_every: 6, global_batch_size: 8, micro_batch_size: 8,"
+        " cpus_per_worker: 1}\n"
+        "eval: {max_samples: 4, max_new_tokens: 4}\n",
+        encoding="utf-8",
+    )
+    assert main(["run", str(cfg), "--no-serve"]) == 0
+    assert not (tmp_path / "file:").exists()
+    w = root / "w"
+    assert {p.stem for p in (w / ".stages").glob("*.json")} == {"ingest", "preprocess", "train", "eval"}
+    assert (w / "data" / "tokenizer" / "tokenizer.json").exists()
+    assert list((w / "data" / "tokens" / "train").glob("*.parquet"))
+    assert list(w.glob("train/*/loss_curve.png")) and list(w.glob("train/*/checkpoint_*/eval_report.json"))
+    err = capsys.readouterr().err
+    assert "eval report: " in err and "file://" in err
+    assert main(["run", str(cfg), "--no-serve"]) == 0
+    assert capsys.readouterr().err.count("outputs are complete") == 4

@@ -42,3 +42,11 @@ def write_text(path: str, text: str) -> None:
     with fs.open_output_stream(tmp) as f:
         f.write(text.encode("utf-8"))
     fs.move(tmp, p)
+
+
+def upload(local: str, dest: str) -> None:
+    """Copy a local file or folder to a path or URI. pyarrow's copy_files does not create
+    the destination folder on filesystems that have folders (file://, local)."""
+    fs, p = filesystem(dest)
+    fs.create_dir(p if os.path.isdir(local) else posixpath.dirname(p), recursive=True)
+    pafs.copy_files(local, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

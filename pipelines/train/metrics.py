@@ -89,9 +89,9 @@ class MetricsLogger:
         self._tb.flush()
         self._jsonl.flush()
         if self.remote:
-            import pyarrow.fs as pafs
+            from zhchat.storage import upload
 
-            pafs.copy_files(self.local_dir, self.run_dir)
+            upload(self.local_dir, self.run_dir)
 
     def close(self) -> None:
         self.sync()

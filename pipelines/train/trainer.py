@@ -242,9 +242,9 @@ def _finish(out: str, name: str, run_dir: str, result, score: str, elapsed: floa
         if local_png:
             png = _join(run_dir, LOSS_PNG)
             if is_uri(png):
-                import pyarrow.fs as pafs
+                from zhchat.storage import upload
 
-                pafs.copy_files(local_png, png)
+                upload(local_png, png)
             else:
                 os.replace(local_png, png)
     final_ckpt = result.checkpoint

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-URI_SCHEMES = ("s3://", "gs://", "gcs://", "hf://", "http://", "https://", "memory://")
+URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "hf://", "http://", "https://", "memory://", "file://")
 
 
 class Section(BaseModel):
