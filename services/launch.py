@@ -62,16 +62,24 @@ def stop(name: str = APP_NAME, wait_s: float | None = None) -> None:
 
 def run_serve(cfg: RunConfig, args=None) -> dict:
     """Serve until interrupted (SIGINT or SIGTERM), then remove the app."""
+    done = threading.Event()
+
+    def on_signal(*_) -> None:
+        if url is None:  # still starting (which may wait for resources): give up, as Ctrl-C does
+            raise KeyboardInterrupt
+        done.set()
+
+    # `serve run`-style scripts can be started in the background where SIGINT is ignored:
+    # SIGTERM must stop us too, and from the start: Ray's own SIGTERM handler kills the
+    # process at once, leaving the app half up.
+    url = None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     url = start(cfg)
     kv_table("zhchat serve", {"model": cfg.serve.model, "chat page": url + "/",
                               "API": url + "/v1/chat/completions", "replicas":
                               f"{cfg.serve.min_replicas}..{cfg.serve.max_replicas}"})
     say(f"serving at {url} — Ctrl-C to stop")
-    done = threading.Event()
-    # `serve run`-style scripts can be started in the background where SIGINT is ignored:
-    # SIGTERM must stop us too.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
     while not done.wait(1.0):
         pass
     say("stopping")

@@ -4,7 +4,16 @@ rerun that skips every finished stage."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
+
+import httpx
 
 import pyarrow.parquet as pq
 import pytest
@@ -20,14 +29,22 @@ def test_sample_corpus_ships_in_several_formats():
     assert len(names) >= 5 and not any(n.endswith(".md") for n in names)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_run_embedded_default_end_to_end_then_skip(ray_cluster, tmp_path, capsys):
     cfg = tmp_path / "small.yaml"
+    port = free_port()
     # Only sizes change: the inputs are the embedded default (no ingest inputs given).
     cfg.write_text(
         f"workdir: {tmp_path / 'w'}\n"
         "train: {preset: tiny, max_steps: 12, checkpoint_every: 6, global_batch_size: 8, micro_batch_size: 8,"
         " cpus_per_worker: 1}\n"
-        "eval: {max_samples: 8, max_new_tokens: 8}\n",
+        "eval: {max_samples: 8, max_new_tokens: 8}\n"
+        f"serve: {{port: {port}, max_replicas: 1}}\n",
         encoding="utf-8",
     )
     assert main(["run", str(cfg), "--no-serve"]) == 0
@@ -49,6 +66,36 @@ def test_run_embedded_default_end_to_end_then_skip(ray_cluster, tmp_path, capsys
     err = capsys.readouterr().err
     for stage in ("ingest", "preprocess", "train", "eval"):
         assert f"{stage}: outputs are complete" in err
+
+    # Without --no-serve the run ends serving the trained model on 127.0.0.1 until SIGTERM
+    # (a process of its own: it starts its own local cluster, as `zhchat run` does).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_HAPROXY") and k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "zhchat.cli", "run", str(cfg)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
+        while not any("serving at" in ln for ln in lines):
+            assert proc.poll() is None, "".join(lines)[-4000:]
+            assert time.monotonic() < deadline, "the chat server did not come up"
+            time.sleep(1)
+        assert httpx.get(base + "/healthz", timeout=10).status_code == 200
+        r = httpx.post(base + "/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": "你好"}], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant", r.text
+        assert httpx.get(base + "/", timeout=10).status_code == 200  # the chat page
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
+        out = "".join(lines)
+        assert proc.returncode == 0, out[-4000:]
+        assert "outputs are complete" in out and f"127.0.0.1:{port}" in out and "stopping" in out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def test_run_with_every_path_a_uri(ray_cluster, tmp_path, monkeypatch, capsys):
