@@ -49,24 +49,29 @@ def high_throughput_serve_env() -> dict[str, str]:
     import socket
     import tempfile
 
-    def free_port() -> int:
-        # Not a kernel-chosen port: those come from the ephemeral range, where Ray's own
+    def bindable(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))  # HAProxy listens on all interfaces
+            except OSError:
+                return False
+            return True
+
+    def free_ports(n: int) -> list[int]:
+        # Not kernel-chosen ports: those come from the ephemeral range, where Ray's own
         # processes bind theirs after this returns (its dashboard agent's 52365 was taken
         # this way, and HAProxy failed to start). Ports 20000-29999 lie above Ray's worker
         # ports (10002-19999), below Serve's direct-ingress ports (30000-31000, 40000-41000)
-        # and below Linux's ephemeral range (32768-60999).
+        # and below Linux's ephemeral range (32768-60999). sample() keeps them distinct.
         rng = random.SystemRandom()
         for _ in range(100):
-            port = rng.randint(20000, 29999)
-            with socket.socket() as s:
-                try:
-                    s.bind(("0.0.0.0", port))  # HAProxy listens on all interfaces
-                except OSError:
-                    continue
-                return port
-        raise RuntimeError("no free port in 20000-29999 for HAProxy's stats and metrics")
+            ports = rng.sample(range(20000, 30000), n)
+            if all(bindable(p) for p in ports):
+                return ports
+        raise RuntimeError("no free ports in 20000-29999 for HAProxy's stats and metrics")
 
     folder = tempfile.mkdtemp(prefix="zhchat-haproxy-")
+    stats_port, metrics_port = free_ports(2)
     return {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
@@ -74,8 +79,8 @@ def high_throughput_serve_env() -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(folder, "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(folder, "server-state"),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
     }
 
 
