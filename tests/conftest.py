@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 
 import pytest
 
@@ -22,6 +23,24 @@ from zhchat.runtime import high_throughput_serve_env  # noqa: E402
 
 for _key, _value in high_throughput_serve_env().items():
     os.environ.setdefault(_key, _value)
+
+
+
+def free_port() -> int:
+    """A free port on 127.0.0.1 for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def own_cluster_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process that starts a Ray cluster of its own: not this
+    session's RAY_ADDRESS, and HAProxy files and ports of its own (two HAProxies cannot
+    bind the same ports, and this session's cluster may be serving)."""
+    env = {**os.environ, **high_throughput_serve_env(), **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
 
 SAMPLE_TEXTS = [
     "你好，今天天气怎么样？", "今天天气很好，我们去公园散步吧。", "好啊，几点出发？", "下午三点吧。",

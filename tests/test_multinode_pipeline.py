@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -71,12 +70,6 @@ def write_corpus(folder: str) -> dict:
     return {"kept": len(lccc) + len(openai), "skipped": 2, "quarantined": 4}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- the test (parent process): run the child, then count everything it left on disk -----------
 
 @pytest.mark.slow
@@ -86,8 +79,9 @@ def test_pipeline_on_three_nodes_survives_losing_a_worker_node(tmp_path):
     import pyarrow.parquet as pq
 
     expected = write_corpus(str(tmp_path / "corpus"))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")]))
-    env.pop("RAY_ADDRESS", None)  # the child makes its own cluster
+    from conftest import own_cluster_env  # tests/ is on sys.path under pytest
+
+    env = own_cluster_env(PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")]))
     # Own session: on a timeout the child and the Ray processes it started are killed as a group.
     proc = subprocess.Popen([sys.executable, __file__, str(tmp_path)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -215,6 +209,8 @@ def _child(tmp: str) -> None:
     import httpx
     import ray
     from ray.cluster_utils import Cluster
+
+    from conftest import free_port  # this file's folder is on sys.path when it runs as a script
 
     t_start = time.time()
     # After a node is lost, Ray Train's elastic policy still sees the dead node's resources for a

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import free_port, own_cluster_env
 from zhchat.cli import main
 from zhchat.run import sample_files
 
@@ -27,12 +27,6 @@ pytestmark = pytest.mark.slow
 def test_sample_corpus_ships_in_several_formats():
     names = {Path(p).name for p in sample_files()}
     assert len(names) >= 5 and not any(n.endswith(".md") for n in names)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_run_embedded_default_end_to_end_then_skip(ray_cluster, tmp_path, capsys):
@@ -69,8 +63,7 @@ def test_run_embedded_default_end_to_end_then_skip(ray_cluster, tmp_path, capsys
 
     # Without --no-serve the run ends serving the trained model on 127.0.0.1 until SIGTERM
     # (a process of its own: it starts its own local cluster, as `zhchat run` does).
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_HAPROXY") and k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "zhchat.cli", "run", str(cfg)], env=env, cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "zhchat.cli", "run", str(cfg)], env=own_cluster_env(), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)

@@ -5,21 +5,15 @@ concurrency, API keys, blocklist, back-pressure. Two apps share one Serve instan
 from __future__ import annotations
 
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
+from conftest import free_port
 from zhchat.config import GenerationDefaults, ServeConfig
 
 KEY = "sk-test-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -3,22 +3,16 @@ killed under load is replaced, after which requests succeed again."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import httpx
 import pytest
 
+from conftest import free_port
 from zhchat.config import GenerationDefaults, ServeConfig
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def running_replicas(app: str) -> int:

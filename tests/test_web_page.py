@@ -6,13 +6,13 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
 
 import pytest
 
+from conftest import free_port
 from zhchat.config import GenerationDefaults, ServeConfig
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -20,12 +20,6 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (apt-get install -y chromium)"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class DevTools:
