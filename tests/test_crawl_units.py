@@ -26,6 +26,24 @@ def _doc(text: str, meta: str | None) -> str:
     return html_page("t", f"<ul>{nav}</ul><div><p>{text}</p></div>", meta=meta)
 
 
+# ---- output -------------------------------------------------------------------------------
+
+def test_two_runs_in_one_second_never_share_a_part_name(tmp_path):
+    """A resume started right after a short crawl (same process, same second) once reused the
+    first run's part names and overwrote its pages, so a third run fetched them again."""
+    from pipelines.crawl.output import CrawlStore
+
+    def page(url):
+        return {"url": url, "final_url": url, "depth": 0, "status": 200, "outcome": "ok",
+                "content_type": "text/html", "charset": "utf-8", "charset_declared": "utf-8",
+                "charset_mismatch": False, "fetched_at": None, "bytes": 1, "text": "x", "links": []}
+
+    a, b = CrawlStore(str(tmp_path)), CrawlStore(str(tmp_path))
+    a.write_batch([page("http://h.cn/1")], [], [])
+    b.write_batch([page("http://h.cn/2")], [], [])
+    assert CrawlStore(str(tmp_path)).load().done == {"http://h.cn/1", "http://h.cn/2"}
+
+
 # ---- URLs -----------------------------------------------------------------------------------
 
 def test_normalize_url():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -84,7 +85,9 @@ class CrawlStore:
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         for d in (*TABLES, "state"):
             self.fs.create_dir(f"{self.root}/{d}", recursive=True)
-        self.run = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+        # Time for order, a nonce for uniqueness: two runs in the same second from one process
+        # (a resume right after a short crawl) must never reuse, and so overwrite, a part name.
+        self.run = time.strftime("%Y%m%dT%H%M%S") + f"-{uuid.uuid4().hex[:8]}"
         self.seq = 0
 
     def _parts(self, table: str) -> list[str]:
