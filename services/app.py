@@ -154,7 +154,8 @@ class ChatIngress:
             raise APIError(500, "the model returned nothing", None, "empty_response") from None
         if "error" in item:
             e = item["error"]
-            raise APIError(e["status"], e["message"], e["param"], e["code"])
+            retry = {"Retry-After": str(self.cfg.retry_after_s)} if e["status"] == 503 else None
+            raise APIError(e["status"], e["message"], e["param"], e["code"], headers=retry)
         return item
 
     async def _complete(self, req: dict, stream: bool, include_usage: bool, chat: bool):

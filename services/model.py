@@ -77,7 +77,33 @@ class ChatModel:
                 "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
 
     # -- request methods --------------------------------------------------------------------------
+    # An engine failure (its child process died, non-finite logits) is the server's fault and
+    # passes: health checks fail too and Serve replaces this replica. Before any text went out
+    # the client gets a 503 with Retry-After, as for a dead replica; mid-stream the ingress
+    # ends the stream with an in-band error.
     async def generate(self, req: dict) -> dict:
+        from zhchat.generation import EngineError
+
+        try:
+            return await self._generate(req)
+        except EngineError as e:
+            return _error(503, f"the model could not generate ({e}); retry shortly", None, "engine_failed")
+
+    async def stream(self, req: dict) -> AsyncIterator[dict]:
+        """Deltas {"text", "finish_reason", ...}; the first item may be an error dict."""
+        from zhchat.generation import EngineError
+
+        started = False
+        try:
+            async for item in self._stream(req):
+                started = True
+                yield item
+        except EngineError as e:
+            if started:
+                raise
+            yield _error(503, f"the model could not generate ({e}); retry shortly", None, "engine_failed")
+
+    async def _generate(self, req: dict) -> dict:
         prompt, params, err = self._prepare(req)
         if err:
             return err
@@ -94,8 +120,7 @@ class ChatModel:
                         "completion_tokens": used, "blocked": "regenerated" if attempt else None}
         return self._blocked(len(prompt), used)
 
-    async def stream(self, req: dict) -> AsyncIterator[dict]:
-        """Deltas {"text", "finish_reason", ...}; the first item may be an error dict."""
+    async def _stream(self, req: dict) -> AsyncIterator[dict]:
         from zhchat.blocklist import StreamGuard
 
         prompt, params, err = self._prepare(req)
@@ -133,6 +158,7 @@ class ChatModel:
         e = self.engine
         return {"context_length": e.context_length, "vocab_size": e.vocab_size, "device": str(e.device),
                 "max_batch_size": e.max_batch_size, "stats": dict(e.stats), "pid": os.getpid(),
+                "engine_pid": getattr(e, "pid", None), "engine_error": getattr(e, "error", None),
                 "actor": ray.get_runtime_context().get_actor_name(),
                 "blocklist": bool(self.blocklist)}
 

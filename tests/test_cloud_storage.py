@@ -1,15 +1,26 @@
-"""`zhchat run` with its workdir on S3: a real S3 API (moto's server) on 127.0.0.1, reached
-through the same clients a cluster uses (pyarrow's S3FileSystem for Ray Data and Ray
-Train, s3fs for fsspec). Only the endpoint differs from AWS: AWS_ENDPOINT_URL, which both
-honour. The run is a subprocess that starts its own local Ray cluster, so that every Ray
-worker inherits the endpoint and the test credentials."""
+"""`zhchat run` with its workdir in object storage: a real S3 API (moto's server) and a real
+GCS JSON API (gcp-storage-emulator) on 127.0.0.1, reached through the clients a cluster uses
+(pyarrow's S3FileSystem/GcsFileSystem for Ray Data and Ray Train, s3fs/gcsfs for fsspec).
+The config names plain s3:// and gs:// URIs, as it would on a cluster; only the environment
+differs from the clouds, through variables each client honours:
+- S3: AWS_ENDPOINT_URL, test keys.
+- GCS: CLOUD_STORAGE_EMULATOR_ENDPOINT (pyarrow's GCS client), STORAGE_EMULATOR_HOST (gcsfs);
+  pyarrow still asks Google's OAuth endpoint for a token, which cannot run here, so the test
+  serves one on loopback and points application-default credentials at it; gcsfs is told
+  to go anonymous (FSSPEC_GS_TOKEN), as its docs say for the emulator, and not to probe for
+  zonal buckets over gRPC, which the emulator does not speak.
+The run is a subprocess that starts its own local Ray cluster, so every Ray worker inherits
+the environment."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -18,43 +29,121 @@ pytestmark = pytest.mark.slow
 BUCKET = "zhchat-test-bucket"
 
 
-@pytest.fixture
-def s3_env():
+class Store:
+    """An object store on loopback: the env a run needs, and its keys and bytes as the store has them."""
+
+    def __init__(self, scheme, env, keys, get):
+        self.scheme, self.env, self.keys, self.get = scheme, env, keys, get
+
+
+def _s3():
     import boto3
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
     client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="test",
                           aws_secret_access_key="test", region_name="us-east-1")
     client.create_bucket(Bucket=BUCKET)
-    yield env, client
-    server.stop()
+
+    def keys():
+        return {o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+                for o in page.get("Contents", [])}
+
+    def get(key):
+        return client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+    return Store("s3", env, keys, get), server.stop
 
 
-def _run(cfg, env):
-    return subprocess.run([sys.executable, "-m", "zhchat.cli", "run", str(cfg), "--no-serve"], env=env,
-                          cwd=cfg.parent, capture_output=True, text=True, timeout=900)
+class _TokenHandler(BaseHTTPRequestHandler):
+    """Google's OAuth token endpoint, as far as a refresh-token grant needs it."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = json.dumps({"access_token": "test-token", "expires_in": 3600, "token_type": "Bearer"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
 
 
-def test_run_with_workdir_on_s3(s3_env, tmp_path):
-    env, client = s3_env
-    cfg = tmp_path / "s3.yaml"
+def _gcs(tmp_path):
+    from gcp_storage_emulator.handlers import buckets
+    from gcp_storage_emulator.server import RequestHandler
+    from gcp_storage_emulator.storage import Storage
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    # The emulator's own server answers one request at a time, and pyarrow's parallel
+    # downloads then deadlock it (it blocks writing one body while the client waits on
+    # another connection), so its handler runs behind a threading server here.
+    objects = Storage(use_memory_fs=True)
+    buckets.create_bucket(BUCKET, objects)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RequestHandler, objects))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    token = ThreadingHTTPServer(("127.0.0.1", 0), _TokenHandler)
+    threading.Thread(target=token.serve_forever, daemon=True).start()
+    adc = tmp_path / "adc.json"
+    adc.write_text(json.dumps({"type": "authorized_user", "client_id": "test", "client_secret": "test",
+                               "refresh_token": "test",
+                               "token_uri": f"http://127.0.0.1:{token.server_address[1]}/token"}))
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"CLOUD_STORAGE_EMULATOR_ENDPOINT": endpoint, "STORAGE_EMULATOR_HOST": endpoint,
+           "GOOGLE_APPLICATION_CREDENTIALS": str(adc), "FSSPEC_GS_TOKEN": "anon", "GOOGLE_CLOUD_PROJECT": "test",
+           # gcsfs's zonal/HNS probe is a gRPC call the emulator lacks (60 s timeout per bucket)
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    client = storage.Client(project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": endpoint})
+    bucket = client.bucket(BUCKET)
+
+    def keys():
+        return {b.name for b in client.list_blobs(BUCKET)}
+
+    def get(key):
+        return bucket.blob(key).download_as_bytes()
+
+    def stop():
+        token.shutdown()
+        server.shutdown()
+
+    return Store("gs", env, keys, get), stop
+
+
+@pytest.fixture(params=["s3", "gs"])
+def store(request, tmp_path):
+    s, stop = _s3() if request.param == "s3" else _gcs(tmp_path)
+    yield s
+    stop()
+
+
+def _run(cfg, store):
+    return subprocess.run([sys.executable, "-m", "zhchat.cli", "run", str(cfg), "--no-serve"],
+                          env={**os.environ, **store.env}, cwd=cfg.parent, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_run_with_workdir_in_object_storage(store, tmp_path):
+    cfg = tmp_path / "cloud.yaml"
     cfg.write_text(
-        f"workdir: s3://{BUCKET}/w\n"
+        f"workdir: {store.scheme}://{BUCKET}/w\n"
         "ray: {num_cpus: 2}\n"
         "train: {preset: tiny, max_steps: 6, checkpoint_every: 6, global_batch_size: 8, micro_batch_size: 8,"
         " cpus_per_worker: 1}\n"
         "eval: {max_samples: 4, max_new_tokens: 4}\n",
         encoding="utf-8",
     )
-    r = _run(cfg, env)
+    r = _run(cfg, store)
     assert r.returncode == 0, r.stderr[-4000:]
-    keys = {o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
-            for o in page.get("Contents", [])}
+    keys = store.keys()
     for stage in ("ingest", "preprocess", "train", "eval"):
         assert f"w/.stages/{stage}.json" in keys
     assert "w/data/tokenizer/tokenizer.json" in keys and "w/data/manifest.json" in keys
@@ -62,11 +151,12 @@ def test_run_with_workdir_on_s3(s3_env, tmp_path):
     assert any(k.startswith("w/data/tokens/train/") and k.endswith(".parquet") for k in keys)
     ckpt = [k for k in keys if k.endswith("/model.safetensors")]
     assert ckpt and any(k.endswith("/loss_curve.png") for k in keys)
-    report = json.loads(client.get_object(Bucket=BUCKET, Key=ckpt[0].rsplit("/", 1)[0] + "/eval_report.json")["Body"].read())
+    report = json.loads(store.get(ckpt[0].rsplit("/", 1)[0] + "/eval_report.json"))
     assert report["tokens"] > 0 and report["perplexity"] > 1
-    assert "s3://" in r.stderr and not any(p.name.startswith("s3:") for p in tmp_path.iterdir())
+    assert f"{store.scheme}://" in r.stderr
+    assert not any(p.name.startswith(f"{store.scheme}:") for p in tmp_path.iterdir())
 
-    # Rerun: every stage sees its complete outputs on S3 and skips.
-    r = _run(cfg, env)
+    # Rerun: every stage sees its complete outputs in the store and skips.
+    r = _run(cfg, store)
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stderr.count("outputs are complete") == 4

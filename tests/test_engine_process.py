@@ -55,13 +55,16 @@ def test_streams_cancels_and_counts(proc):
 def test_a_dead_child_fails_open_requests(tiny_model_dir):
     e = EngineProcess(tiny_model_dir)
     got = []
-    os.kill(e._proc.pid, signal.SIGSTOP)  # frozen: the request below cannot finish first
+    os.kill(e.pid, signal.SIGSTOP)  # frozen: the request below cannot finish first
     e.submit(e.chat_prompt(CONVS[0], 20), SamplingParams(max_tokens=20, seed=1), got.append)
-    os.kill(e._proc.pid, signal.SIGKILL)
+    os.kill(e.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while not got and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(got) == 1 and "engine process exited" in got[0].error, got
     with pytest.raises(EngineError, match="engine process"):
         e.check_health(timeout_s=2)
+    assert isinstance(e.stats, dict) and "exited" in e.error  # the last counters, not an exception
+    with pytest.raises(EngineError, match="engine process"):
+        e.submit([1, 2, 3], SamplingParams(), got.append)
     e.close()

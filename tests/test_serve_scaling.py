@@ -105,3 +105,39 @@ def test_killed_replica_is_replaced(ray_cluster, tiny_model_dir):
             assert httpx.post(url + "/v1/chat/completions", json=load.body, timeout=60).status_code == 200
     finally:
         serve.delete("kill")
+
+
+def test_replica_whose_engine_died_is_replaced(ray_cluster, tiny_model_dir):
+    """Only the engine's child process dies (OOM killer, a segfault in a kernel): the replica
+    actor is alive, but its requests fail fast with 503 + Retry-After and its health check
+    fails, so Serve replaces it."""
+    import os
+    import signal
+
+    from ray import serve
+
+    url = start(tiny_model_dir, "engine", min_replicas=1, max_replicas=1, health_check_period_s=2)
+    body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 8}
+    try:
+        info = httpx.get(url + "/metrics", timeout=30).json()["model_replica"]
+        os.kill(info["engine_pid"], signal.SIGKILL)
+        time.sleep(0.5)  # the replica's reader thread sees the socket close
+        for stream in (False, True):
+            r = httpx.post(url + "/v1/chat/completions", json={**body, "stream": stream}, timeout=30)
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "engine_failed" and int(r.headers["Retry-After"]) >= 1
+
+        def replaced() -> bool:
+            try:
+                m = httpx.get(url + "/metrics", timeout=10).json()["model_replica"]
+            except (httpx.HTTPError, KeyError, ValueError):
+                return False
+            return m["actor"] != info["actor"] and running_replicas("engine") == 1
+
+        wait_for(replaced, 120, "a replacement replica")
+        new = httpx.get(url + "/metrics", timeout=30).json()["model_replica"]
+        assert new["engine_pid"] != info["engine_pid"]
+        for _ in range(3):
+            assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+    finally:
+        serve.delete("engine")

@@ -82,10 +82,17 @@ class EngineProcess(EngineClient):
             self._send(("cancel", req.id))
 
     @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
     def stats(self) -> dict:
         """The child engine's counters (a round trip; the last known ones if it is gone)."""
         with self._stats_ready:
-            self._send(("stats",))
+            try:
+                self._send(("stats",))
+            except EngineError:
+                return dict(self._stats)
             self._stats_ready.wait(timeout=5)
             return dict(self._stats)
 
