@@ -23,9 +23,7 @@ from zhchat.runtime import high_throughput_serve_env  # noqa: E402
 
 for _key, _value in high_throughput_serve_env().items():
     os.environ.setdefault(_key, _value)
-# In that mode Serve keeps a deleted app's ingress replicas for 30 s so HAProxy can stop
-# routing to them; nothing routes to a test's deleted app, and the wait was 30 s a delete.
-os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+
 
 
 def free_port() -> int:

@@ -81,6 +81,10 @@ def high_throughput_serve_env() -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(folder, "server-state"),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
+        # A deleted app's ingress replicas stay up this long so every node's HAProxy stops
+        # routing to them first (30 s by default). One machine's HAProxy is told at once, and
+        # the 30 s made Ctrl-C on `zhchat serve` (and every app delete) wait it out.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     }
 
 
