@@ -256,7 +256,7 @@ def evaluate(cfg: RunConfig) -> dict:
 
     with quiet_data():
         # Perplexity: per-row NLL sums and token counts, summed here.
-        scored = read_split(e.data, "test").map_batches(
+        scored = read_split(e.data, "test", min_blocks=actors).map_batches(
             NLLScorer, fn_constructor_kwargs={"model_path": ckpt, "threads": threads}, batch_format="numpy", **pool)
         nll_sum, tokens = 0.0, 0
         for b in scored.iter_batches(batch_size=4096, batch_format="numpy"):

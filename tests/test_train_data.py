@@ -130,3 +130,21 @@ def test_resolve_checkpoint_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
         resolve_checkpoint(str(tmp_path / "empty"))
+
+
+def test_read_split_gives_a_pool_a_block_per_actor(ray_cluster, tmp_path):
+    """One shard is one block (each block costs the training loop a fetch), unless more are
+    asked for: evaluation's N model actors need N blocks, or all but one sit idle."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.train.data import read_split
+
+    d = tmp_path / "tokens" / "test"
+    d.mkdir(parents=True)
+    rows = [list(range(i, i + 5)) for i in range(40)]
+    pq.write_table(pa.table({"input_ids": rows, "labels": rows}), d / "part-00000.parquet")
+    one = read_split(str(tmp_path), "test").materialize()
+    three = read_split(str(tmp_path), "test", min_blocks=3).materialize()
+    assert one.num_blocks() == 1 and three.num_blocks() >= 3
+    assert sorted(list(r["input_ids"]) for r in three.take_all()) == sorted(rows)

@@ -66,8 +66,10 @@ def context_length(manifest: dict) -> int:
     return int(value)
 
 
-def read_split(data_dir: str, split: str, kind: str = "tokens", columns: list[str] | None = None):
-    """A Ray Dataset over one split's Parquet files (local path or cloud URI)."""
+def read_split(data_dir: str, split: str, kind: str = "tokens", columns: list[str] | None = None,
+               min_blocks: int = 1):
+    """A Ray Dataset over one split's Parquet files (local path or cloud URI), in at least
+    `min_blocks` blocks (a pool of N actors downstream has work for N only with N blocks)."""
     import ray
 
     path = split_dir(data_dir, split, kind)
@@ -82,8 +84,11 @@ def read_split(data_dir: str, split: str, kind: str = "tokens", columns: list[st
     # training workers that hold whole CPUs (the 2-CPU deadlock in RAY_NOTES). One block per
     # shard: Ray's default cuts a small split into >= 200 blocks of a few rows, and every
     # block costs the training loop a fetch (0.78x a bare loop instead of 0.9x, bench/train.py).
-    return ray.data.read_parquet(files, columns=columns or ["input_ids", "labels"], num_cpus=0.25,
-                                 override_num_blocks=len(files))
+    ds = ray.data.read_parquet(files, columns=columns or ["input_ids", "labels"], num_cpus=0.25,
+                               override_num_blocks=len(files))
+    # Fewer shards than blocks asked for (a small split): cut them up (a barrier, but over
+    # fewer shards than actors, so a small one).
+    return ds.repartition(min_blocks) if len(files) < min_blocks else ds
 
 
 # -- plain functions on batches ----------------------------------------------------------------
