@@ -141,22 +141,23 @@ class ChatIngress:
             item = await awaitable
         except BackPressureError:
             self.counts["rejected_busy"] += 1
-            raise APIError(503, "the server is busy; retry shortly", None, "overloaded",
-                           headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
+            raise self._retry_later("the server is busy; retry shortly", "overloaded") from None
         except DeploymentUnavailableError:
-            raise APIError(503, "the model is not available yet; retry shortly", None, "unavailable",
-                           headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
+            raise self._retry_later("the model is not available yet; retry shortly", "unavailable") from None
         except RayActorError:  # the replica died (it is being replaced): the client may retry
             self.counts["replica_failures"] += 1
-            raise APIError(503, "the model replica failed; retry shortly", None, "replica_failed",
-                           headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
+            raise self._retry_later("the model replica failed; retry shortly", "replica_failed") from None
         except StopAsyncIteration:
             raise APIError(500, "the model returned nothing", None, "empty_response") from None
         if "error" in item:
             e = item["error"]
-            retry = {"Retry-After": str(self.cfg.retry_after_s)} if e["status"] == 503 else None
-            raise APIError(e["status"], e["message"], e["param"], e["code"], headers=retry)
+            if e["status"] == 503:  # the model side's own "retry later" (its engine failed)
+                raise self._retry_later(e["message"], e["code"])
+            raise APIError(e["status"], e["message"], e["param"], e["code"])
         return item
+
+    def _retry_later(self, message: str, code: str) -> APIError:
+        return APIError(503, message, None, code, headers={"Retry-After": str(self.cfg.retry_after_s)})
 
     async def _complete(self, req: dict, stream: bool, include_usage: bool, chat: bool):
         self.counts["requests"] += 1

@@ -24,6 +24,10 @@ def _error(status: int, message: str, param: str | None, code: str) -> dict:
     return {"error": {"status": status, "message": message, "param": param, "code": code}}
 
 
+def _engine_failed(e: Exception) -> dict:
+    return _error(503, f"the model could not generate ({e}); retry shortly", None, "engine_failed")
+
+
 @serve.deployment
 class ChatModel:
     def __init__(self, cfg: dict):
@@ -87,7 +91,7 @@ class ChatModel:
         try:
             return await self._generate(req)
         except EngineError as e:
-            return _error(503, f"the model could not generate ({e}); retry shortly", None, "engine_failed")
+            return _engine_failed(e)
 
     async def stream(self, req: dict) -> AsyncIterator[dict]:
         """Deltas {"text", "finish_reason", ...}; the first item may be an error dict."""
@@ -101,7 +105,7 @@ class ChatModel:
         except EngineError as e:
             if started:
                 raise
-            yield _error(503, f"the model could not generate ({e}); retry shortly", None, "engine_failed")
+            yield _engine_failed(e)
 
     async def _generate(self, req: dict) -> dict:
         prompt, params, err = self._prepare(req)
@@ -158,7 +162,7 @@ class ChatModel:
         e = self.engine
         return {"context_length": e.context_length, "vocab_size": e.vocab_size, "device": str(e.device),
                 "max_batch_size": e.max_batch_size, "stats": dict(e.stats), "pid": os.getpid(),
-                "engine_pid": getattr(e, "pid", None), "engine_error": getattr(e, "error", None),
+                "engine_pid": e.pid, "engine_error": e.error,
                 "actor": ray.get_runtime_context().get_actor_name(),
                 "blocklist": bool(self.blocklist)}
 

@@ -25,7 +25,6 @@ for _key, _value in high_throughput_serve_env().items():
     os.environ.setdefault(_key, _value)
 
 
-
 def free_port() -> int:
     """A free port on 127.0.0.1 for a server a test starts."""
     with socket.socket() as s:

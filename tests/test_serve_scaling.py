@@ -3,6 +3,8 @@ killed under load is replaced, after which requests succeed again."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -116,9 +118,6 @@ def test_replica_whose_engine_died_is_replaced(ray_cluster, tiny_model_dir):
     """Only the engine's child process dies (OOM killer, a segfault in a kernel): the replica
     actor is alive, but its requests fail fast with 503 + Retry-After and its health check
     fails, so Serve replaces it."""
-    import os
-    import signal
-
     from ray import serve
 
     url = start(tiny_model_dir, "engine", min_replicas=1, max_replicas=1, health_check_period_s=2)
