@@ -85,7 +85,7 @@ def bare_loop(data: str, preset: str, context: int, batch: int, micro: int, step
     import pyarrow.parquet as pq
     import torch
 
-    from pipelines.train.loop import lr_lambda, make_optimizer, token_nll
+    from pipelines.train.step import lr_lambda, make_optimizer, token_nll
     from pipelines.train.model import SpecialIds, build_model, count_params
     from zhchat.tokenizer import load_tokenizer
 

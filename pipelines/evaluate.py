@@ -216,11 +216,10 @@ def _read_segmented_test(data_dir: str, limit: int) -> list[dict]:
 
 
 def _check_vocab(model_dir: str, data_dir: str) -> int:
-    from pipelines.train.trainer import _local_dir
+    from zhchat.storage import join, local_copy
     from zhchat.tokenizer import load_tokenizer
 
-    sep = "/" if is_uri(data_dir) else os.sep
-    data_tok = load_tokenizer(_local_dir(data_dir.rstrip("/") + sep + "tokenizer"))
+    data_tok = load_tokenizer(local_copy(join(data_dir, "tokenizer")))
     model_tok = load_tokenizer(model_dir)
     if data_tok.get_vocab() != model_tok.get_vocab():
         raise ValueError(

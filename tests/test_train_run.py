@@ -117,7 +117,7 @@ def test_gradient_accumulation_is_the_same_for_1_and_2_workers():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from pipelines.train.data import collate, count_targets, micro_batches
-    from pipelines.train.loop import accumulate_gradients
+    from pipelines.train.step import accumulate_gradients
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2,

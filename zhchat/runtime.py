@@ -115,12 +115,22 @@ def best_device() -> str:
 
 
 def autocast_dtype(device: str, precision: str = "auto"):
-    """bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU (bf16 is slower there)."""
+    """The autocast dtype for `precision` on `device` (None: fp32). The rule for "auto":
+    bf16 only on GPUs with native bf16 (compute capability >= 8: A100, H100, L4, RTX 30xx
+    and later); fp16 (with a GradScaler when training) on older GPUs (V100, T4), where
+    torch.cuda.is_bf16_supported() also says yes because bf16 is emulated, and slowly;
+    fp32 on CPU, where bf16 is slower than fp32 without AMX. Training and the engine's
+    load dtype both use it."""
     import torch
 
-    device = device.split(":")[0]  # "cuda:1" is a CUDA device too
-    if precision == "fp32" or (precision == "auto" and device != "cuda"):
+    device = str(device)
+    if precision == "fp32":
         return None
-    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+    if precision == "bf16":
         return torch.bfloat16
-    return torch.float16
+    if precision == "fp16":
+        return torch.float16
+    if not device.startswith("cuda"):  # "cuda:1" is a CUDA device too
+        return None
+    major, _minor = torch.cuda.get_device_capability(torch.device(device))
+    return torch.bfloat16 if major >= 8 else torch.float16

@@ -50,3 +50,29 @@ def upload(local: str, dest: str) -> None:
     fs, p = filesystem(dest)
     fs.create_dir(p if os.path.isdir(local) else posixpath.dirname(p), recursive=True)
     pafs.copy_files(local, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def join(base: str, *parts: str) -> str:
+    """base/part/...: '/' between the parts of a URI, the OS separator for a local path."""
+    return "/".join([base.rstrip("/"), *parts]) if is_uri(base) else os.path.join(base, *parts)
+
+
+def list_files(folder: str) -> list[str]:
+    """The files directly in a folder (paths or URIs like `folder`), sorted; [] if it is missing."""
+    fs, p = filesystem(folder)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    return sorted(join(folder, posixpath.basename(i.path)) for i in infos if i.type == pafs.FileType.File)
+
+
+def local_copy(path: str) -> str:
+    """A local copy of a (small) cloud folder, e.g. a tokenizer; a local path as it is."""
+    if not is_uri(path):
+        return path
+    import tempfile
+
+    fs, src = filesystem(path)
+    dst = tempfile.mkdtemp(prefix="zhchat-")
+    pafs.copy_files(src, dst, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return dst

@@ -11,6 +11,7 @@ Run folder layout and the `latest.json` pointers are described in zhchat/checkpo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ import torch
 
 from zhchat.checkpoints import POINTER, is_checkpoint, read_pointer, resolve_checkpoint  # noqa: F401 (re-export)
 from zhchat.dialogue import END
-from zhchat.storage import write_text
+from zhchat.storage import read_text, write_text
 
 STATE_FILE = "trainer_state.pt"
 INFO_FILE = "zhchat.json"
@@ -35,21 +36,20 @@ def checkpoint_dir_name(step: int) -> str:
 
 
 def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+    """The host RNGs. No CUDA state: the loop reseeds the device generator before every
+    step (loop.seed_step), and a saved state for every visible GPU would fail to restore on
+    a worker that sees fewer GPUs after a resize."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
 def set_rng_states(states: dict) -> None:
+    """Restore rng_states(); a "cuda" entry of older checkpoints is ignored (see above)."""
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(path: str, model, tokenizer, optimizer, scheduler, state: dict, info: dict) -> None:
+def save_checkpoint(path: str, model, tokenizer, trainer_state: dict, state: dict, info: dict) -> None:
     """Write one checkpoint folder (rank 0; the model is replicated under DDP)."""
     os.makedirs(path, exist_ok=True)
     # Replies end at <|end|>; plain `model.generate` then stops where zhchat's engine does.
@@ -62,11 +62,52 @@ def save_checkpoint(path: str, model, tokenizer, optimizer, scheduler, state: di
     model.save_pretrained(path)
     model.config.use_cache = False
     tokenizer.save_pretrained(path)
-    torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_states()}, os.path.join(path, STATE_FILE))
+    # trainer_state: optimizer, scheduler and (fp16) GradScaler state dicts (step.TrainStep).
+    torch.save({**state, **trainer_state, "rng": rng_states()}, os.path.join(path, STATE_FILE))
     with open(os.path.join(path, INFO_FILE), "w", encoding="utf-8") as f:
         json.dump({**info, "step": state["step"], "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, f,
                   ensure_ascii=False, indent=1, default=str)
+
+
+# -- failures (what the next attempt and the driver's error message see) ----------------------
+
+FAILURES_DIR = "failures"
+REPEAT_LIMIT = 3  # attempts failing at the same step before the run gives up on it
+
+
+def record_failure(run_dir: str, attempt: int, rank: int, step: int, cause: str) -> None:
+    """One file per failing worker and attempt (cloud storage has no append)."""
+    from zhchat.storage import join
+
+    record = {"attempt": attempt, "rank": rank, "step": step, "cause": cause[:2000], "time": time.time()}
+    try:
+        write_text(join(run_dir, FAILURES_DIR, f"{attempt}-{rank}.json"), json.dumps(record, ensure_ascii=False))
+    except Exception:  # noqa: BLE001 - never hide the real failure behind a failed write
+        pass
+
+
+def failure_records(run_dir: str) -> list[dict]:
+    """Recorded failures of a run, oldest first."""
+    from zhchat.storage import join, list_files
+
+    records = []
+    for path in list_files(join(run_dir, FAILURES_DIR)):
+        text = read_text(path)
+        if text:
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(text))
+    return sorted(records, key=lambda r: r.get("time", 0))
+
+
+def repeated_failure(records: list[dict], after_step: int, limit: int = REPEAT_LIMIT) -> int | None:
+    """A step past `after_step` (where this attempt resumes) at which `limit` different
+    attempts failed: retrying it again would fail again (a bad batch, a bug, OOM)."""
+    attempts: dict[int, set] = {}
+    for r in records:
+        if r["step"] > after_step:
+            attempts.setdefault(r["step"], set()).add(r["attempt"])
+    stuck = [s for s, a in attempts.items() if len(a) >= limit]
+    return min(stuck) if stuck else None
 
 
 def load_state(path: str) -> dict:

@@ -136,19 +136,34 @@ def micro_batches(batch: dict, micro: int) -> list[dict]:
     return out
 
 
-def epoch_batches(shard, epoch: int, seed: int, rank: int, batch_size: int, shuffle_buffer: int,
+def epoch_batches(stream, epoch: int, seed: int, rank: int, world: int, global_batch: int, shuffle_buffer: int,
                   skip: int = 0, prefetch: int = 2) -> Iterator[dict]:
-    """One epoch of a worker's step batches (ragged numpy rows), first `skip` dropped.
+    """One epoch of this worker's share of each global batch (ragged numpy rows), the
+    first `skip` global batches dropped.
 
-    drop_last keeps every worker's number of steps per epoch equal (the streaming split
-    gives each the same row count), so DDP never waits for a worker that ran out.
+    Every worker reads the same stream (the train dataset is not split between workers,
+    see trainer.py) with a shuffle seeded by (seed, epoch) alone, so the k-th global batch
+    of an epoch holds the same rows at every worker count, and worker r takes rows
+    [r*G/w, (r+1)*G/w) of it. A run resized from 2 workers to 1 mid-epoch therefore goes on
+    at the same global sample: no row is used twice or skipped within the epoch. drop_last
+    gives every worker the same number of steps, so DDP never waits for one that ran out.
     """
+    if global_batch % world:
+        raise ValueError(f"global batch {global_batch} does not split over {world} workers")
+    per = global_batch // world
     kwargs = {}
     if shuffle_buffer > 0:
-        kwargs = dict(local_shuffle_buffer_size=max(shuffle_buffer, batch_size),
-                      local_shuffle_seed=(seed * 1_000_003 + epoch * 1_009 + rank) % (2**31))
-    it = shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
-                            prefetch_batches=prefetch, **kwargs)
+        kwargs = dict(local_shuffle_buffer_size=max(shuffle_buffer, global_batch),
+                      local_shuffle_seed=(seed * 1_000_003 + epoch * 1_009) % (2**31))
+    it = stream.iter_batches(batch_size=global_batch, batch_format="numpy", drop_last=True,
+                             prefetch_batches=prefetch, **kwargs)
     for i, batch in enumerate(it):
         if i >= skip:
-            yield batch
+            yield {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+
+
+def row_ids(batch: dict) -> list[int]:
+    """A stable id per row (crc32 of its input_ids), for the row-use log tests enable."""
+    import zlib
+
+    return [zlib.crc32(np.asarray(r, dtype=np.int32).tobytes()) for r in batch["input_ids"]]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 # n_layer x n_embd, n_head; parameter counts are for a vocabulary of 8,000 and 256 positions.
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(n_layer=2, n_embd=64, n_head=2),          # tests: ~0.6M
@@ -87,13 +89,24 @@ def load_pretrained(init_from: str, tokenizer, n_positions: int, dropout: float 
     overrides = {"use_cache": False}
     if dropout is not None:
         overrides.update(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
-    model = GPT2LMHeadModel.from_pretrained(init_from, **overrides)
+    # fp32 master weights whatever the checkpoint was saved in (transformers 5 loads the saved
+    # dtype: a bf16 hub model would train in pure bf16, its updates lost to rounding).
+    model = GPT2LMHeadModel.from_pretrained(init_from, dtype=torch.float32, **overrides)
     if model.get_input_embeddings().weight.shape[0] != len(tokenizer):
         # New rows (the dialogue tokens) start at the mean embedding, as transformers does.
         model.resize_token_embeddings(len(tokenizer))
     ids = SpecialIds.of(tokenizer)
     model.config.eos_token_id = model.config.bos_token_id = ids.eos
     model.config.pad_token_id = ids.pad
+    return model
+
+
+def load_training_model(path: str):
+    """A zhchat checkpoint's model to resume training: fp32, no KV cache."""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32)
+    model.config.use_cache = False
     return model
 
 

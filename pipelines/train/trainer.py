@@ -16,9 +16,10 @@ import time
 
 from zhchat.config import RunConfig, is_uri
 from zhchat.report import kv_table, say
-from zhchat.storage import read_text
+from zhchat.storage import join as _join
+from zhchat.storage import local_copy, read_text
 
-from .checkpoint import finished_step, run_name, write_pointers
+from .checkpoint import failure_records, finished_step, run_name, write_pointers
 from .data import context_length, load_manifest, manifest_format, read_split, split_dir
 from .loop import LoopConfig, train_loop_per_worker
 from .metrics import LOSS_PNG, METRICS_FILE, TB_DIR, plot_loss_curve, read_metrics
@@ -26,21 +27,6 @@ from .metrics import LOSS_PNG, METRICS_FILE, TB_DIR, plot_loss_curve, read_metri
 
 class TrainingDiverged(ValueError):
     """The loss became NaN/inf; the message names the last good checkpoint."""
-
-
-def _join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts]) if is_uri(base) else os.path.join(base, *parts)
-
-
-def _local_dir(path: str) -> str:
-    """A local copy of a (small) cloud folder, e.g. the tokenizer; local paths as they are."""
-    if not is_uri(path):
-        return path
-    import pyarrow.fs as pafs
-
-    dst = tempfile.mkdtemp(prefix="zhchat-")
-    pafs.copy_files(path, dst)
-    return dst
 
 
 def check_shards_vocab(data_dir: str, vocab_size: int) -> None:
@@ -122,7 +108,7 @@ def train(cfg: RunConfig, debug: dict | None = None) -> dict:
     data_dir = t.data
     manifest = load_manifest(data_dir)
     ctx_len = context_length(manifest)
-    tokenizer = load_tokenizer(_local_dir(_join(data_dir, "tokenizer")), ctx_len)
+    tokenizer = load_tokenizer(local_copy(_join(data_dir, "tokenizer")), ctx_len)
     check_shards_vocab(data_dir, len(tokenizer))
     if t.init_from:
         check_same_vocab(tokenizer, load_tokenizer(t.init_from), data_dir, t.init_from)
@@ -163,7 +149,8 @@ def train(cfg: RunConfig, debug: dict | None = None) -> dict:
         dropout=t.dropout, max_steps=t.max_steps, global_batch_size=t.global_batch_size,
         micro_batch_size=t.micro_batch_size, lr=t.lr, min_lr_ratio=t.min_lr_ratio, warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay, grad_clip=t.grad_clip, seed=t.seed, shuffle_buffer=t.shuffle_buffer,
-        checkpoint_every=t.checkpoint_every, log_every=t.log_every, precision=t.precision,
+        checkpoint_every=t.checkpoint_every, checkpoint_every_minutes=t.checkpoint_every_minutes,
+        log_every=t.log_every, precision=t.precision,
         torch_threads=t.torch_threads, cpus_per_worker=t.cpus_per_worker, peak_flops=t.peak_flops,
         has_validation=has_val,
         info={"run": name, "preset": None if t.init_from else t.preset, "init_from": t.init_from,
@@ -174,13 +161,17 @@ def train(cfg: RunConfig, debug: dict | None = None) -> dict:
     workers = (t.min_workers, t.num_workers) if t.min_workers is not None else t.num_workers
     resources = {"CPU": _cpus_per_worker(t.cpus_per_worker, t.num_workers, use_gpu)}
     ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # deterministic block order and split: exact resume
+    ingest.preserve_order = True  # deterministic block order: exact resume
+    # The train split is not split between workers: each reads the whole stream in the same
+    # order and takes its slice of every global batch (data.epoch_batches), so the data goes
+    # on at the same global sample after the worker count changes. Validation is split: each
+    # worker scores its part and the sums are all-reduced.
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={f.name: getattr(loop_cfg, f.name) for f in dataclasses.fields(loop_cfg)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         datasets=datasets,
-        dataset_config=DataConfig(execution_options=ingest),
+        dataset_config=DataConfig(datasets_to_split=["validation"] if has_val else [], execution_options=ingest),
         run_config=RayRunConfig(
             name=name, storage_path=out,
             failure_config=FailureConfig(max_failures=t.max_failures),
@@ -197,8 +188,10 @@ def train(cfg: RunConfig, debug: dict | None = None) -> dict:
         from ray.train import TrainingFailedError
 
         if isinstance(e, TrainingFailedError):
+            records = failure_records(run_dir)
+            where = (f" at step {records[-1]['step']}: {records[-1]['cause']}" if records else "")
             raise RuntimeError(
-                f"training run {name!r} failed after {t.max_failures} retries: {e}\n"
+                f"training run {name!r} failed after {t.max_failures} retries{where}\n{e}\n"
                 f"Checkpoints so far are in {run_dir}; run the same command again to resume from the latest one."
             ) from e
         raise
@@ -211,6 +204,11 @@ def train(cfg: RunConfig, debug: dict | None = None) -> dict:
             f"training diverged: the loss became {outcome.get('loss')} at step {outcome.get('step', 0) + 1}; "
             f"the broken update was not applied and not saved. {where}. Lower --lr (now {t.lr}), raise "
             f"warmup_steps, or use precision fp32/bf16 instead of fp16, then resume with the same command.")
+    if outcome.get("status") == "failed_repeatedly":
+        raise RuntimeError(
+            f"training run {name!r} stopped: step {outcome['step']} failed in each of the last attempts "
+            f"({outcome['cause']}); retrying it again would fail again. The latest checkpoint is "
+            f"{latest.path if latest else 'not saved yet'}; fix the cause, then run the same command to resume.")
     if outcome.get("status") == "already_finished":
         say(f"[bold yellow]train:[/] run {name!r} had already reached step {outcome.get('step')}; nothing trained")
     return _finish(out, name, run_dir, result, score, elapsed)
