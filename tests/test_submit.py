@@ -26,7 +26,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def head_node(tmp_path_factory):
-    temp = tmp_path_factory.mktemp("rayhead")
+    # RAY_TMPDIR/ray is where `ray start` records the cluster (ray_current_cluster): a
+    # child with RAY_TMPDIR set finds it as a command on a cluster node finds /tmp/ray.
+    tmpdir = tmp_path_factory.mktemp("rayhead")
+    temp = tmpdir / "ray"
     gcs, dash = _free_port(), _free_port()
     # The job agent listens on a fixed default port (52365), which the suite's own Ray cluster
     # already holds: without ports of its own this head's agent never comes up and every
@@ -60,7 +63,7 @@ def head_node(tmp_path_factory):
     else:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("head node did not start in 120 s")
-    yield address
+    yield address, {"RAY_TMPDIR": str(tmpdir), "gcs": f"127.0.0.1:{gcs}"}
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(10)
@@ -108,6 +111,29 @@ def test_submit_waits_for_the_job_agent_but_not_for_other_errors(monkeypatch):
         submit_mod._submit_when_agent_ready(stuck, wait_s=0.0, entrypoint="x")
 
 
+def test_a_command_on_a_cluster_machine_joins_the_cluster(head_node, tmp_path):
+    """With no address given, zhchat joins the cluster `ray start` made this machine part of
+    (a GPU node's command must see the cluster's GPUs, not start a private cluster), and
+    starts its own where the recorded cluster is gone."""
+    _, where = head_node
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = where["RAY_TMPDIR"]
+    if os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+        env["RAY_AUTH_MODE"] = "token"  # the head started with token authentication on
+    code = ("from zhchat.config import RayConfig; from zhchat.runtime import init_ray; import ray; "
+            "init_ray(RayConfig(include_dashboard=False, num_cpus=1)); print('GCS', ray.get_runtime_context().gcs_address)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert f"GCS {where['gcs']}" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+
+    stale = tmp_path / "ray"
+    stale.mkdir()
+    (stale / "ray_current_cluster").write_text("127.0.0.1:1")  # a cluster that is gone
+    env["RAY_TMPDIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", "from zhchat.runtime import running_cluster_address as r; print('ADDR', r())"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert "ADDR None" in out.stdout, out.stdout + out.stderr
+
+
 def test_submit_ingest_job_runs_on_head(head_node, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -115,8 +141,9 @@ def test_submit_ingest_job_runs_on_head(head_node, tmp_path):
     src.write_text('{"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好呀"}]}\n'
                    "not json\n", encoding="utf-8")
     cfg = load_config(None, {"workdir": str(tmp_path / "w"), "ingest": {"inputs": [str(src)]}}).resolved()
-    job_id = submit(cfg, "ingest", head_node)
-    client = JobSubmissionClient(head_node)
+    address, _ = head_node
+    job_id = submit(cfg, "ingest", address)
+    client = JobSubmissionClient(address)
     deadline = time.time() + 300
     while time.time() < deadline:
         status = client.get_job_status(job_id)

@@ -6,7 +6,10 @@ as a script) and never touches the session cluster of the other tests. Elastic t
 (the head has none, so training lands on the nodes; a spare CPU per node keeps Ray Data's
 readers schedulable, see RAY_NOTES). After the first checkpoint is registered the node of
 rank 0 is removed, and the run must finish from that checkpoint on what is left, with the
-global batch unchanged whatever the worker count.
+global batch unchanged whatever the worker count, and the data going on at the same global
+sample: the run is exactly one epoch of distinct rows, and a row-use log (a test hook) shows
+every row used exactly once by the steps that count (a step redone after the restart counts
+in its last attempt only).
 """
 
 from __future__ import annotations
@@ -39,6 +42,37 @@ def test_losing_a_node_resumes_from_checkpoint(tmp_path):
     assert starts[0]["world_size"] == 2 and starts[0]["per_worker_batch"] == 4
     # Every attempt trains on the same global batch, whatever the worker count.
     assert all(e["world_size"] * e["per_worker_batch"] == 8 for e in starts)
+    assert any(e["world_size"] == 1 for e in starts[1:])  # it did go on with fewer workers
+    # Row uses: for each step, the rows of its last attempt (the one resumed latest before it).
+    records = [json.load(open(os.path.join(r["row_log"], n))) for n in os.listdir(r["row_log"])]
+    by_step: dict[int, list[int]] = {}
+    for step in range(1, r["max_steps"] + 1):
+        tried = [x for x in records if x["step"] == step]
+        latest = max(x["attempt_start"] for x in tried)
+        by_step[step] = [row for x in tried if x["attempt_start"] == latest for row in x["rows"]]
+        assert len(by_step[step]) == 8, (step, tried)
+    used = [row for rows in by_step.values() for row in rows]
+    assert len(used) == len(set(used)) == r["n_rows"], "a training row was used twice or skipped within the epoch"
+    assert any(x["attempt_start"] > 0 and x["step"] <= 8 for x in records)  # resumed mid-epoch
+
+
+def _distinct_train_rows(data_dir: str, n: int) -> int:
+    """Replace the train split with n rows whose token sequences all differ, so that a row's
+    id (crc32 of its tokens, pipelines.train.data.row_ids) names one row."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    rows = {tuple(rng.integers(10, 500, size=int(rng.integers(8, 40)))) for _ in range(2 * n)}
+    rows = [list(r) for r in list(rows)[:n]]
+    d = os.path.join(data_dir, "tokens", "train")
+    for name in os.listdir(d):
+        os.remove(os.path.join(d, name))
+    for i, part in enumerate((rows[: n // 2], rows[n // 2:])):
+        pq.write_table(pa.table({"input_ids": pa.array(part, pa.list_(pa.int32())),
+                                 "labels": pa.array(part, pa.list_(pa.int32()))}), os.path.join(d, f"part-{i:05d}.parquet"))
+    return len(rows)
 
 
 def _child(tmp: str) -> None:
@@ -58,7 +92,9 @@ def _child(tmp: str) -> None:
     from pipelines.train import train
 
     data = build_data_dir(os.path.join(tmp, "data"))
+    n_rows = _distinct_train_rows(data, 128)  # one epoch of 16 steps x 8
     out = os.path.join(tmp, "runs")
+    row_log = os.path.join(tmp, "rows")
     max_steps = 16
     cfg = load_config(None, {"train": {
         "data": data, "out": out, "name": "elastic", "preset": "tiny", "global_batch_size": 8, "micro_batch_size": 4,
@@ -68,7 +104,7 @@ def _child(tmp: str) -> None:
 
     def run() -> None:
         try:
-            result["summary"] = train(cfg, debug={"sleep_per_step": 1.0})
+            result["summary"] = train(cfg, debug={"sleep_per_step": 1.0, "row_log": row_log})
         except BaseException as e:  # noqa: BLE001 - reported to the parent
             result["error"] = repr(e)
 
@@ -94,8 +130,8 @@ def _child(tmp: str) -> None:
             removed = node_id
     t.join(timeout=max(1, deadline - time.time()))
     events = [json.loads(ln) for ln in open(os.path.join(run_dir, "metrics.jsonl")) if '"event"' in ln]
-    print("RESULT " + json.dumps({"removed_node": removed, "max_steps": max_steps, "events": events, **result},
-                                 default=str), flush=True)
+    print("RESULT " + json.dumps({"removed_node": removed, "max_steps": max_steps, "events": events,
+                                  "row_log": row_log, "n_rows": n_rows, **result}, default=str), flush=True)
     ray.shutdown()
     cluster.shutdown()
     if "error" in result:

@@ -6,6 +6,10 @@ command is run again and continues from the step-6 checkpoint across an epoch bo
 Dropout and the shuffle buffer are on, so this only holds if the data order, the skipped
 batches and the RNG are restored exactly.
 
+The same holds in fp16 with loss scaling (CPU fp16 autocast with GradScaler("cpu") stands
+in for a GPU without native bf16): the scaler's scale and growth tracker travel in the
+checkpoint, so the resumed run scales, skips and steps exactly as the straight one.
+
 Tolerance: final validation losses agree to 1e-4 (relative); on one CPU worker they are
 in practice identical.
 """
@@ -23,23 +27,28 @@ TRAIN = dict(preset="tiny", global_batch_size=16, micro_batch_size=8, lr=3e-3, w
              log_every=3, checkpoint_every=6, max_steps=12, max_failures=0, shuffle_buffer=64, torch_threads=1)
 
 
-def _cfg(data: str, out: str, name: str):
+def _cfg(data: str, out: str, name: str, precision: str):
     from zhchat.config import load_config
 
-    return load_config(None, {"train": {"data": data, "out": out, "name": name, **TRAIN}}).resolved()
+    return load_config(None, {"train": {"data": data, "out": out, "name": name, "precision": precision,
+                                        **TRAIN}}).resolved()
 
 
-def test_interrupted_and_resumed_run_matches_uninterrupted(ray_cluster, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_interrupted_and_resumed_run_matches_uninterrupted(ray_cluster, tmp_path, precision):
     from pipelines.train import train
 
     data = build_data_dir(str(tmp_path / "data"))  # 128 train dialogues: 8 steps per epoch
     out = str(tmp_path / "runs")
-    straight = train(_cfg(data, out, "straight"))
+    # fp16: a first scale that overflows, so that skipped steps happen before and after the
+    # interruption and the restored scaler state matters.
+    debug = {"init_scale": 2.0**40} if precision == "fp16" else {}
+    straight = train(_cfg(data, out, "straight", precision), debug=debug)
 
     with pytest.raises(RuntimeError, match="run the same command again to resume"):
-        train(_cfg(data, out, "interrupted"), debug={"fail_at_step": 7})
+        train(_cfg(data, out, "interrupted", precision), debug={**debug, "fail_at_step": 7})
     assert not os.path.exists(os.path.join(out, "interrupted", "latest.json"))
-    resumed = train(_cfg(data, out, "interrupted"))  # the same command again
+    resumed = train(_cfg(data, out, "interrupted", precision), debug=debug)  # the same command again
 
     assert resumed["final_metrics"]["start_step"] == 6
     assert resumed["step"] == straight["step"] == 12
@@ -52,3 +61,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(ray_cluster, tmp_path
     with open(os.path.join(out, "interrupted", "metrics.jsonl")) as f:
         events = [json.loads(line).get("event") for line in f]
     assert events.count("start") == 1 and events.count("resume") == 1
+    if precision == "fp16":
+        with open(os.path.join(out, "straight", "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        assert any(r.get("event") == "skipped_step" for r in rows)  # the scaler did skip steps
+        assert [r["loss_scale"] for r in rows if r.get("kind") == "train"][-1] < 2.0**40

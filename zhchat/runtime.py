@@ -9,7 +9,10 @@ from .config import RayConfig
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:
-    """Join the cluster named by cfg.address or RAY_ADDRESS, else start a local one.
+    """Join the cluster named by cfg.address or RAY_ADDRESS; else the cluster this machine
+    is part of (a head or worker node started with `ray start`), so a command run on a GPU
+    node uses the cluster's GPUs instead of a private cluster without them; else start a
+    local one. Address "local" always starts a local one.
 
     Does nothing when Ray is already initialised (tests and `ray job submit` start it).
     """
@@ -19,8 +22,8 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     if ray.is_initialized():
         return
     cfg = cfg or RayConfig()
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or running_cluster_address()
+    if address and address != "local":
         ray.init(address=address, logging_level=logging.WARNING)
         return
     if cfg.serve_throughput_optimized:
@@ -33,6 +36,19 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         include_dashboard=cfg.include_dashboard,
         logging_level=logging.WARNING,
     )
+
+
+def running_cluster_address() -> str | None:
+    """The GCS address of a live cluster this machine belongs to: the one `ray start` last
+    wrote to /tmp/ray/ray_current_cluster, if a Ray process here still serves it (Ray's own
+    discovery for address="auto"). A stale file from a stopped cluster gives None."""
+    try:
+        from ray._private.services import find_bootstrap_address, find_gcs_addresses
+
+        address = find_bootstrap_address(None)
+        return address if address and address in find_gcs_addresses() else None
+    except Exception:  # noqa: BLE001 - private API: without it, start a local cluster as before
+        return None
 
 
 def high_throughput_serve_env() -> dict[str, str]:

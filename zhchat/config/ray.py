@@ -6,9 +6,11 @@ from .base import Section
 
 
 class RayConfig(Section):
-    """How to reach Ray. With no address (and no RAY_ADDRESS) a local cluster is started."""
+    """How to reach Ray. With no address (and no RAY_ADDRESS) zhchat joins the cluster this
+    machine is part of (`ray start`), else starts a local one."""
 
-    address: str | None = Field(None, description="Ray address; None uses RAY_ADDRESS or starts a local cluster")
+    address: str | None = Field(None, description="Ray address; None: RAY_ADDRESS, else the running cluster this "
+                                "machine is part of, else a new local cluster; 'local': always a new local cluster")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster (None: all)")
     num_gpus: int | None = Field(None, ge=0, description="GPUs for a local cluster (None: detect)")
     # On by default: Ray Train's placement-group cleaner and `ray job submit` use the state
