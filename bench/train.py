@@ -11,7 +11,9 @@ achieved FLOP/s uses 6·N + 12·L·d·T FLOPs per token (weights + attention).
 Runs the bare loop before and after the Ray path (the shared machine drifts), times both in
 windows of --warmup steps (the first is warm-up) and prints tokens/s of each, the ratio of
 the median windows (target >= 0.95; the ratio of the means too) and FLOP/s against the measured
-peak (target >= 50%); the last line is one JSON object {"ratio": ..., "mfu": ..., ...}.
+peak (target >= 50%). It then does the same with a core left for Ray's own processes
+(torch threads = cores - 1 in both paths, as on a GPU node): ratio_spare_core, target >= 0.97.
+The last line is one JSON object {"ratio": ..., "ratio_spare_core": ..., "mfu": ..., ...}.
 """
 
 from __future__ import annotations
@@ -154,47 +156,61 @@ def main() -> None:
         a.context, a.batch, a.micro, a.steps, a.warmup, a.vocab = 64, 4, 4, 4, 2, 2000
     lr = 1e-3
 
-    import ray
-
     from pipelines.train.model import PRESETS
 
-    peak = matmul_peak(a.threads, 512 if a.quick else 2048, 1.0 if a.quick else 5.0)
-    print(f"fp32 matmul peak ({a.threads} threads): {peak / 1e9:,.1f} GFLOP/s", flush=True)
+    cores = a.threads
+    spare = max(1, cores - 1)
     with tempfile.TemporaryDirectory(prefix="zhchat-bench-") as tmp:
         data = make_data(os.path.join(tmp, "data"), a.vocab, a.context, rows=max(64, a.batch * (a.steps + a.warmup)))
-        # bare, Ray, bare again: the machine's speed drifts over minutes (it is shared), so the
-        # Ray path is compared with a bare run just before and one just after it.
-        args = (data, a.preset, a.context, a.batch, a.micro, a.steps, a.warmup, a.threads, lr)
-        before, n_params = bare_loop(*args)
-        print(f"bare PyTorch loop: {time_mean(before):,.0f} tokens/s", flush=True)
-        ray.init(num_cpus=max(2, a.threads), include_dashboard=False, logging_level="WARNING")
-        ray_rates = ray_path(data, os.path.join(tmp, "runs"), *args[1:2], *args[3:])
-        ray.shutdown()
-        print(f"Ray Train path:    {time_mean(ray_rates):,.0f} tokens/s", flush=True)
-        after, _ = bare_loop(*args)
-        print(f"bare PyTorch loop: {time_mean(after):,.0f} tokens/s (again)", flush=True)
+        full = compare(data, tmp, a, cores, lr)
+        # A core left for Ray's own processes (raylet, GCS, the Train controller, Ray Data's
+        # coordinators: ~1% of a core each, waking every 10 ms) in both paths, as on any GPU
+        # node, where the training threads never need every core.
+        left = compare(data, tmp, a, spare, lr)
+    c = PRESETS[a.preset]
+    fpt = 6 * full["params"] + 12 * c["n_layer"] * c["n_embd"] * a.context
+    result = {
+        "ratio": full["ratio"], "ratio_spare_core": left["ratio"], "mfu": fpt * full["ray_tokens_per_s"] / full["peak"],
+        "mfu_spare_core": fpt * left["ray_tokens_per_s"] / left["peak"],
+        "threads": cores, "threads_spare_core": spare,
+        "full": {k: v for k, v in full.items() if k != "params"},
+        "spare_core": {k: v for k, v in left.items() if k != "params"},
+        "params": full["params"], "preset": a.preset, "context": a.context, "batch": a.batch, "steps": a.steps,
+        "quick": a.quick,
+    }
+    for name, r, t in (("all cores", full, cores), ("a core left for Ray", left, spare)):
+        print(f"{name} ({t} torch threads): median {a.warmup}-step window: Ray Train path {r['ray_tokens_per_s']:,.0f}"
+              f" / bare {r['bare_tokens_per_s']:,.0f} tokens/s = {r['ratio']:.3f}; ratio of the means "
+              f"{r['ratio_of_means']:.3f}")
+    print(f"achieved {fpt * full['ray_tokens_per_s'] / 1e9:,.1f} GFLOP/s = {100 * result['mfu']:.1f}% of the measured "
+          f"matmul peak (target >= 50%); ratio_spare_core target >= 0.97")
+    print(json.dumps(result))
+
+
+def compare(data: str, tmp: str, a, threads: int, lr: float) -> dict:
+    """bare, Ray, bare again at one thread count (the shared machine drifts over minutes, so
+    the Ray path is compared with a bare run just before and one just after it)."""
+    import ray
+
+    peak = matmul_peak(threads, 512 if a.quick else 2048, 1.0 if a.quick else 5.0)
+    print(f"fp32 matmul peak ({threads} threads): {peak / 1e9:,.1f} GFLOP/s", flush=True)
+    args = (data, a.preset, a.context, a.batch, a.micro, a.steps, a.warmup, threads, lr)
+    before, n_params = bare_loop(*args)
+    print(f"bare PyTorch loop: {time_mean(before):,.0f} tokens/s", flush=True)
+    ray.init(num_cpus=max(2, a.threads), include_dashboard=False, logging_level="WARNING")
+    ray_rates = ray_path(data, os.path.join(tmp, f"runs-{threads}"), *args[1:2], *args[3:])
+    ray.shutdown()
+    print(f"Ray Train path:    {time_mean(ray_rates):,.0f} tokens/s", flush=True)
+    after, _ = bare_loop(*args)
+    print(f"bare PyTorch loop: {time_mean(after):,.0f} tokens/s (again)", flush=True)
     # Other tenants of the machine slow some windows of either path at random; the median
     # window is what each path does when not interfered with, and it still counts a cost
     # that the Ray path pays in every window (its own processes share the cores).
     bare_tps, ray_tps = statistics.median(before + after), statistics.median(ray_rates)
-    mean_ratio = time_mean(ray_rates) / time_mean(before + after)
-    c = PRESETS[a.preset]
-    fpt = 6 * n_params + 12 * c["n_layer"] * c["n_embd"] * a.context
-    result = {
-        "ratio": ray_tps / bare_tps, "mfu": fpt * ray_tps / peak,
-        "ray_tokens_per_s": ray_tps, "bare_tokens_per_s": bare_tps, "bare_mfu": fpt * bare_tps / peak,
-        "ratio_of_means": mean_ratio, "bare_tokens_per_s_before": time_mean(before),
-        "bare_tokens_per_s_after": time_mean(after), "ray_windows": [round(r) for r in ray_rates],
-        "bare_windows": [round(r) for r in before + after],
-        "achieved_gflops": fpt * ray_tps / 1e9, "matmul_peak_gflops": peak / 1e9, "params": n_params,
-        "preset": a.preset, "context": a.context, "batch": a.batch, "threads": a.threads, "steps": a.steps,
-        "quick": a.quick,
-    }
-    print(f"median {a.warmup}-step window: Ray Train path {ray_tps:,.0f} / bare {bare_tps:,.0f} tokens/s = "
-          f"{result['ratio']:.3f} (target >= 0.95); ratio of the means {mean_ratio:.3f}")
-    print(f"achieved {result['achieved_gflops']:,.1f} GFLOP/s = {100 * result['mfu']:.1f}% of the measured "
-          f"matmul peak (target >= 50%)")
-    print(json.dumps(result))
+    return {"ratio": ray_tps / bare_tps, "ray_tokens_per_s": ray_tps, "bare_tokens_per_s": bare_tps,
+            "ratio_of_means": time_mean(ray_rates) / time_mean(before + after), "peak": peak,
+            "matmul_peak_gflops": peak / 1e9, "ray_windows": [round(r) for r in ray_rates],
+            "bare_windows": [round(r) for r in before + after], "params": n_params}
 
 
 if __name__ == "__main__":
