@@ -37,8 +37,11 @@ REPORT_MD = "eval_report.md"
 # -- plain functions ------------------------------------------------------------------------------
 
 
-def score_batch(model, batch: dict, pad_id: int, device: str = "cpu") -> dict:
-    """Per row: summed next-token NLL over loss tokens and how many there were."""
+def score_batch(model, batch: dict, pad_id: int, device: str = "cpu", amp_dtype=None) -> dict:
+    """Per row: summed next-token NLL over loss tokens and how many there were (forward under
+    autocast when amp_dtype is set, the training rule's dtype; the loss itself in fp32)."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
 
@@ -48,7 +51,8 @@ def score_batch(model, batch: dict, pad_id: int, device: str = "cpu") -> dict:
     ids = torch.from_numpy(b["input_ids"]).to(device)        # [B, T]
     labels = torch.from_numpy(b["labels"]).to(device)         # [B, T]
     target = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], 1)
-    with torch.no_grad():
+    amp = torch.autocast(torch.device(device).type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    with torch.no_grad(), amp:
         logits = model(input_ids=ids).logits.float()          # [B, T, V]
         nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")  # [B, T]
     return {"nll": nll.sum(1).double().cpu().numpy(), "tokens": (target != IGNORE_INDEX).sum(1).cpu().numpy()}
@@ -146,20 +150,22 @@ def reply_samples(rows: Sequence[dict], limit: int) -> tuple[list[dict], int]:
 
 
 class NLLScorer:
-    def __init__(self, model_path: str, threads: int = 1):
+    def __init__(self, model_path: str, threads: int = 1, precision: str = "auto"):
         import torch
         from transformers import AutoModelForCausalLM
 
         from zhchat.checkpoints import local_checkpoint
+        from zhchat.runtime import autocast_dtype, best_device
 
         torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = best_device()
+        self.amp_dtype = autocast_dtype(self.device, precision)  # the training rule: bf16/fp16 on GPUs
         local = local_checkpoint(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(local).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32).to(self.device).eval()
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
 
     def __call__(self, batch: dict) -> dict:
-        return score_batch(self.model, batch, self.pad_id, self.device)
+        return score_batch(self.model, batch, self.pad_id, self.device, self.amp_dtype)
 
 
 class ReplyGenerator:
@@ -229,6 +235,16 @@ def _check_vocab(model_dir: str, data_dir: str) -> int:
     return len(model_tok)
 
 
+def eval_gpus(choice: str, cluster_gpus: float) -> tuple[int, int]:
+    """(GPUs per model actor, most actors): one GPU each, and never more actors than the
+    cluster has GPUs, or the extra actors would wait forever for a GPU. "auto" uses GPUs
+    when the cluster has some now; "yes" also on a cluster whose GPU nodes are not up yet
+    (one actor then: the autoscaler starts one node for it)."""
+    if choice == "no" or (choice == "auto" and cluster_gpus < 1):
+        return 0, 1 << 30
+    return 1, max(1, int(cluster_gpus))
+
+
 def evaluate(cfg: RunConfig) -> dict:
     import ray
     import ray.data
@@ -245,10 +261,9 @@ def evaluate(cfg: RunConfig) -> dict:
     ckpt = resolve_checkpoint(e.model)
     local = local_checkpoint(ckpt)
     vocab = _check_vocab(local, e.data)
-    actors = e.actors or max(1, min(4, cluster_cpus() // 2))
+    gpus, max_actors = eval_gpus(e.use_gpu, ray.cluster_resources().get("GPU", 0))
+    actors = min(e.actors or max(1, min(4, cluster_cpus() // 2)), max_actors)
     threads = max(1, int(e.cpus_per_actor))
-    # One GPU per model actor where the cluster has GPUs (the engine and scorer pick CUDA then).
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     pool = dict(compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=e.cpus_per_actor, num_gpus=gpus,
                 batch_size=e.batch_size)
     say(f"[bold]eval:[/] {ckpt} on {e.data} with {actors} model actor(s)")
@@ -256,7 +271,8 @@ def evaluate(cfg: RunConfig) -> dict:
     with quiet_data():
         # Perplexity: per-row NLL sums and token counts, summed here.
         scored = read_split(e.data, "test", min_blocks=actors).map_batches(
-            NLLScorer, fn_constructor_kwargs={"model_path": ckpt, "threads": threads}, batch_format="numpy", **pool)
+            NLLScorer, fn_constructor_kwargs={"model_path": ckpt, "threads": threads, "precision": e.precision},
+            batch_format="numpy", **pool)
         nll_sum, tokens = 0.0, 0
         for b in scored.iter_batches(batch_size=4096, batch_format="numpy"):
             nll_sum += float(b["nll"].sum())

@@ -77,6 +77,9 @@ class EvalConfig(Section):
     batch_size: int = Field(16, ge=1, description="Sequences per forward pass / replies per generation batch")
     actors: int | None = Field(None, ge=1, description="Model replicas scoring and generating (None: one per 2 cluster CPUs, at most 4)")
     cpus_per_actor: float = Field(1.0, gt=0)
+    use_gpu: Literal["auto", "yes", "no"] = Field(
+        "auto", description="One GPU per model actor, never more actors than GPUs; auto: if the cluster has GPUs now")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Scoring autocast, the training rule")
     temperature: float = Field(0.8, ge=0, le=2, description="0: greedy")
     top_p: float = Field(0.9, gt=0, le=1)
     top_k: int = Field(50, ge=0)
