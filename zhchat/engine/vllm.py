@@ -1,0 +1,373 @@
+"""The vLLM engine: vLLM's async engine (v1 AsyncLLM) behind zhchat's EngineClient.
+
+Chosen by `serve.engine: vllm`. It runs inside whatever process opens it (a Serve model
+replica, `zhchat chat`, an eval actor), so zhchat's ingress, API keys, blocklist, metrics,
+autoscaling, error schema and special-token safety stay zhchat's; vLLM's engine core and
+its model worker run in processes of their own that vLLM spawns (a script that opens this
+engine needs `if __name__ == "__main__":`).
+
+Token ids go in and zhchat's deltas come out. vLLM only picks tokens: its detokenizer is
+off, and every token goes through the zhchat Engine's own steps (zhchat's detokenizer,
+stop tokens, stop strings with hold-back, max_tokens, finish reasons), so the text, the
+deltas and the finish reasons are the zhchat Engine's. Sampling: temperature, top-k,
+top-p and seed are vLLM's (the same definitions); repetition/presence/frequency penalties
+over the reply only, logit_bias, n-gram blocking and the never-sampled tokens are one logits
+processor of zhchat's (zhchat/engine/vllm_logits.py) with vLLM's own penalties left neutral
+(vLLM's repetition penalty counts the prompt too). Logprobs are vLLM's raw logprobs (before
+any penalty), as zhchat's are.
+
+vLLM's AsyncLLM lives on an asyncio loop in a background thread of this process; submit()
+and cancel() hand work to it from any thread, and sinks are called from it.
+
+CPU: fp32 (bf16 is slower without AMX), a KV cache of VLLM_CPU_KVCACHE_SPACE GiB (default
+1), and `threads` OpenMP threads for the model worker: bound to `threads` CPUs of this
+process's affinity (VLLM_CPU_OMP_THREADS_BIND), unless the environment sets the binding.
+GPU: zhchat.runtime.autocast_dtype (bf16 at compute capability >= 8, else fp16).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..dialogue import SPECIAL_TOKENS, DialogueFormat
+from ..generation import (  # TODO(E1 split): zhchat.engine.{base,params,types}
+    FINISH_LENGTH, FINISH_STOP, Delta, EngineClient, EngineError, PromptTooLong, SamplingParams, _Detokenizer,
+)
+from . import vllm_logits
+
+__all__ = ["VLLMEngine", "vllm_available"]
+
+_ids = itertools.count()
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One request: its prompt and parameters, and the reply as the zhchat Engine builds it."""
+
+    prompt: list[int]
+    params: SamplingParams
+    sink: Callable[[Delta], None]
+    detok: _Detokenizer
+    rid: str
+    out: list[int] = field(default_factory=list)
+    text: str = ""       # stable text so far (after stop-string truncation)
+    emitted: int = 0     # characters of `text` already sent
+    started: bool = False
+    cancelled: bool = False
+    done: bool = False
+    task: asyncio.Task | None = None
+
+    def holdback(self) -> int:
+        """Characters at the end of `text` that could be the start of a stop string."""
+        best = 0
+        for s in self.params.stop:
+            for k in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """Set environment variables while vLLM spawns its processes (they inherit them)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _cpu_list(n: int) -> str:
+    """`n` CPUs of this process's affinity, as VLLM_CPU_OMP_THREADS_BIND writes them."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    return ",".join(str(c) for c in allowed[:max(1, min(n, len(allowed)))])
+
+
+def _dtype_name(dtype) -> str:
+    import torch
+
+    if isinstance(dtype, str):
+        return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype)
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+
+
+class VLLMEngine(EngineClient):
+    """zhchat's engine interface over vLLM's AsyncLLM (see the module docstring)."""
+
+    def __init__(self, path: str, max_batch_size: int = 16, threads: int = 1, dtype=None,
+                 device: str | None = None, context_length: int | None = None,
+                 kv_cache_gib: float | None = None, gpu_memory_utilization: float | None = None,
+                 enforce_eager: bool | None = None, start_timeout_s: float = 900.0):
+        from ..checkpoints import local_checkpoint
+        from ..runtime import autocast_dtype, best_device
+        from ..tokenizer import load_tokenizer
+
+        local = local_checkpoint(path)
+        with open(os.path.join(local, "config.json")) as f:
+            hf_config = json.load(f)
+        n_pos = hf_config.get("n_positions") or hf_config.get("max_position_embeddings") or 1024
+        self.context_length = min(context_length or n_pos, n_pos)
+        self.vocab_size = int(hf_config["vocab_size"])
+        self.tokenizer = load_tokenizer(local)
+        if len(self.tokenizer) > self.vocab_size:
+            raise ValueError(f"tokenizer at {path} has {len(self.tokenizer)} tokens but the model only "
+                             f"{self.vocab_size}: they do not belong together")
+        self.fmt = DialogueFormat(self.tokenizer, self.context_length)
+        self.max_batch_size = max_batch_size
+        self.device = device or best_device()
+        if dtype is None:  # zhchat's precision rule: fp32 on CPU, bf16 at CC >= 8, fp16 below
+            dtype = autocast_dtype(self.device) or "float32"
+        self.dtype = _dtype_name(dtype)
+        # As the zhchat Engine: every dialogue special token ends a reply (a role token means
+        # the model skipped <|end|>); embedding rows beyond the tokenizer are never sampled.
+        self.stop_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+        self.never_ids = list(range(len(self.tokenizer), self.vocab_size))
+        self.error: str | None = None
+        self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cancelled": 0}
+        self._closed = False
+        self._llm = None
+        self._pid = os.getpid()
+
+        import vllm
+
+        self.vllm_version = vllm.__version__
+        env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn",  # never fork a process with threads
+               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        env = {k: os.environ.get(k, v) for k, v in env.items()}
+        args: dict[str, Any] = dict(
+            model=local, dtype=self.dtype, max_model_len=self.context_length, max_num_seqs=max_batch_size,
+            skip_tokenizer_init=True,  # zhchat tokenizes and detokenizes
+            disable_log_stats=True, enable_log_requests=False, seed=0,
+            logits_processors=[vllm_logits.FQCN],
+        )
+        if self.device.startswith("cuda"):
+            if gpu_memory_utilization is not None:
+                args["gpu_memory_utilization"] = gpu_memory_utilization
+            # The logits processor is written against the v1 model runner's interface
+            # (the one the CPU build runs and the tests exercise).
+            env["VLLM_USE_V2_MODEL_RUNNER"] = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0")
+        else:
+            env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib or 1)))
+            env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", _cpu_list(threads))
+            if env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind":
+                env["OMP_NUM_THREADS"] = str(threads)
+        if enforce_eager is not None:
+            args["enforce_eager"] = enforce_eager
+        self.engine_args = args
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="zhchat-vllm", daemon=True)
+        self._thread.start()
+        try:
+            with _environ(env):
+                fut = asyncio.run_coroutine_threadsafe(self._start(args), self._loop)
+                fut.result(timeout=start_timeout_s)
+            self._warm_up()
+        except BaseException:
+            self.close()
+            raise
+
+    async def _start(self, args: dict) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        # Built on this loop, so vLLM's output handler task runs here.
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+
+    def _warm_up(self) -> None:
+        """One request of each kind vLLM compiles something for on first use (logprobs'
+        rank count is a torch.compile'd function: 2.7 s on the first request here)."""
+        import dataclasses
+
+        prompt = [self.fmt.eos_id] + self.fmt.encode_text("你好")
+        lp = {"logprobs": 1} if "logprobs" in {f.name for f in dataclasses.fields(SamplingParams)} else {}
+        kinds = [SamplingParams(max_tokens=2, temperature=0, **lp),
+                 SamplingParams(max_tokens=2, temperature=1.0, top_k=5, top_p=0.9, seed=0, **lp)]
+        self.generate([prompt] * len(kinds), kinds)
+        self.stats = {k: 0 for k in self.stats}
+
+    # -- EngineClient ----------------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams, sink: Callable[[Delta], None]) -> _Stream:
+        if len(prompt) + 1 > self.context_length:
+            raise PromptTooLong(f"the prompt is {len(prompt)} tokens; the context is {self.context_length}")
+        if self._closed:
+            raise EngineError("engine is closed")
+        if self.error:
+            raise EngineError(self.error)
+        h = _Stream(list(prompt), params, sink, _Detokenizer(self.tokenizer), f"zhchat-{next(_ids)}")
+        self._loop.call_soon_threadsafe(self._begin, h)
+        return h
+
+    def cancel(self, h: _Stream) -> None:
+        if h.done or h.cancelled:
+            return
+        h.cancelled = True
+        if not self._closed:
+            self._loop.call_soon_threadsafe(self._cancel, h)
+
+    def info(self) -> dict:
+        return {"engine": "vllm", "vllm_version": self.vllm_version, "device": self.device, "dtype": self.dtype,
+                "context_length": self.context_length, "vocab_size": self.vocab_size,
+                "max_batch_size": self.max_batch_size, "error": self.error, "stats": dict(self.stats)}
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            try:
+                asyncio.run_coroutine_threadsafe(self._shutdown(llm), self._loop).result(timeout=60)
+            except Exception:
+                pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    async def _shutdown(self, llm) -> None:
+        for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+            task.cancel()
+        llm.shutdown()
+
+    def __del__(self):  # an engine dropped without close() must not leave vLLM's processes
+        try:
+            if not self._closed and os.getpid() == self._pid:
+                self.close()
+        except Exception:  # interpreter shutdown: modules may be gone already
+            pass
+
+    # -- the loop thread -------------------------------------------------------------------------
+    def _begin(self, h: _Stream) -> None:
+        if not h.cancelled:
+            h.task = self._loop.create_task(self._serve(h))
+
+    def _cancel(self, h: _Stream) -> None:
+        if h.task is not None and not h.done:
+            h.task.cancel()
+        elif not h.done:
+            h.done = True
+            self.stats["cancelled"] += 1
+
+    def _vllm_params(self, p: SamplingParams, prompt_len: int):
+        from vllm import SamplingParams as VParams
+        from vllm.sampling_params import RequestOutputKind
+
+        top_k = p.top_k if 0 < p.top_k < self.vocab_size else 0
+        return VParams(
+            n=1, temperature=p.temperature, top_p=p.top_p, top_k=top_k, seed=p.seed,
+            max_tokens=max(1, min(p.max_tokens, self.context_length - prompt_len)),
+            stop_token_ids=sorted(self.stop_ids), detokenize=False, output_kind=RequestOutputKind.DELTA,
+            logprobs=getattr(p, "logprobs", None),
+            extra_args=vllm_logits.request_args(
+                p.repetition_penalty, p.presence_penalty, p.frequency_penalty, p.no_repeat_ngram_size,
+                getattr(p, "logit_bias", None), self.never_ids),
+        )
+
+    async def _serve(self, h: _Stream) -> None:
+        llm = self._llm
+        if llm is None:
+            self._fail(h, "engine is closed")
+            return
+        try:
+            sp = self._vllm_params(h.params, len(h.prompt))
+            outputs = llm.generate({"type": "token", "prompt_token_ids": h.prompt}, sp, h.rid)
+        except Exception as e:
+            self._fail(h, f"{type(e).__name__}: {e}")
+            return
+        try:
+            async for out in outputs:
+                if not h.started:
+                    h.started = True
+                    self.stats["requests"] += 1
+                    self.stats["prompt_tokens"] += len(h.prompt)
+                o = out.outputs[0]
+                for j, token in enumerate(o.token_ids):
+                    self._advance(h, token, o.logprobs[j] if o.logprobs else None)
+                    if h.done:
+                        break
+                if not h.done and out.finished:
+                    # vLLM stopped on its own: the context is full (it stops a token before
+                    # the zhchat Engine there), or it aborted the request.
+                    if o.finish_reason == "length":
+                        self._finish(h, FINISH_LENGTH)
+                    else:
+                        self._fail(h, f"vLLM ended the request ({o.finish_reason})")
+                if h.done:
+                    break
+        except asyncio.CancelledError:
+            if not h.done:
+                h.done = True
+                self.stats["cancelled"] += 1
+        except Exception as e:
+            msg = f"{type(e).__name__}: {e}"
+            if llm.errored:
+                self.error = f"vLLM engine died: {msg}"
+            self._fail(h, self.error or msg)
+        finally:
+            # Ends the request in vLLM if it is still running there (a stop string, a cancel).
+            with contextlib.suppress(BaseException):
+                await outputs.aclose()
+
+    def _fail(self, h: _Stream, message: str) -> None:
+        if not h.done:
+            h.done = True
+            h.sink(Delta("", error=message, prompt_tokens=len(h.prompt), completion_tokens=len(h.out)))
+
+    def _finish(self, h: _Stream, finish: str) -> None:
+        h.text += h.detok.flush()
+        self._emit(h, finish, len(h.out))
+
+    def _advance(self, h: _Stream, token: int, logprobs) -> None:
+        """The zhchat Engine's step for one sampled token (zhchat/generation.py: _advance)."""
+        finish = None
+        if token in self.stop_ids:
+            finish = FINISH_STOP
+            new = h.detok.flush()
+        else:
+            h.out.append(token)
+            new = h.detok.push(token)
+        self.stats["completion_tokens"] += 1
+        n_out = len(h.out) + (finish is not None)
+        if new:
+            start = max(len(h.text) - max((len(s) for s in h.params.stop), default=0), 0)
+            h.text += new
+            for s in h.params.stop:
+                j = h.text.find(s, start)
+                if j >= 0:
+                    h.text, finish = h.text[:j], FINISH_STOP
+                    start = 0
+        next_pos = len(h.prompt) + n_out - 1
+        if finish is None and (n_out >= h.params.max_tokens or next_pos >= self.context_length):
+            finish = FINISH_LENGTH
+            h.text += h.detok.flush()
+        self._emit(h, finish, n_out)
+
+    def _emit(self, h: _Stream, finish: str | None, n_out: int) -> None:
+        end = len(h.text) if finish else len(h.text) - h.holdback()
+        if end > h.emitted or finish:
+            piece, h.emitted = h.text[h.emitted:end], max(end, h.emitted)
+            if finish:
+                h.done = True
+            h.sink(Delta(piece, finish, len(h.prompt), n_out))
