@@ -42,7 +42,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(ray_cluster, tmp_path
     out = str(tmp_path / "runs")
     # fp16: a first scale that overflows, so that skipped steps happen before and after the
     # interruption and the restored scaler state matters.
-    debug = {"init_scale": 2.0**40} if precision == "fp16" else {}
+    debug = {"init_scale": 2.0**24} if precision == "fp16" else {}
     straight = train(_cfg(data, out, "straight", precision), debug=debug)
 
     with pytest.raises(RuntimeError, match="run the same command again to resume"):
@@ -52,7 +52,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(ray_cluster, tmp_path
 
     assert resumed["final_metrics"]["start_step"] == 6
     assert resumed["step"] == straight["step"] == 12
-    assert resumed["final_metrics"]["epoch"] == straight["final_metrics"]["epoch"] == 1
+    # 8 batches per epoch: epoch 1 at step 12, later when the fp16 scaler skipped steps
+    assert resumed["final_metrics"]["epoch"] == straight["final_metrics"]["epoch"] >= 1
     assert resumed["final_metrics"]["tokens_seen"] == straight["final_metrics"]["tokens_seen"]
     assert resumed["final_metrics"]["val_loss"] == pytest.approx(straight["final_metrics"]["val_loss"], rel=1e-4)
     assert resumed["final_metrics"]["train_loss"] == pytest.approx(straight["final_metrics"]["train_loss"], rel=1e-4)
@@ -65,4 +66,4 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(ray_cluster, tmp_path
         with open(os.path.join(out, "straight", "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
         assert any(r.get("event") == "skipped_step" for r in rows)  # the scaler did skip steps
-        assert [r["loss_scale"] for r in rows if r.get("kind") == "train"][-1] < 2.0**40
+        assert [r["loss_scale"] for r in rows if r.get("kind") == "train"][-1] < 2.0**24
