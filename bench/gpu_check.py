@@ -64,14 +64,14 @@ def token_batches(tok, texts: list[str], batch: int, context: int, seed: int = 0
 
 
 def train_check(tok, texts, device: str, preset: str, precision: str, steps: int, batch: int, micro: int,
-                context: int, peak: float | None) -> tuple[dict, object]:
+                context: int, peak: float | None, lr: float) -> tuple[dict, object]:
     from pipelines.train.model import SpecialIds, build_model, flops_per_token
     from pipelines.train.step import TrainStep
 
     torch.manual_seed(0)
     model = build_model(preset, len(tok), context, SpecialIds.of(tok)).to(device)
     model.train()
-    trainer = TrainStep(model, model, device, 1, lr=6e-4, weight_decay=0.1, warmup_steps=5, max_steps=steps,
+    trainer = TrainStep(model, model, device, 1, lr=lr, weight_decay=0.1, warmup_steps=max(1, steps // 6), max_steps=steps,
                         min_lr_ratio=0.1, grad_clip=1.0, micro_batch_size=micro, precision=precision)
     data = token_batches(tok, texts, batch, context)
     losses, skipped, timed_tokens, t0 = [], 0, 0, None
@@ -182,7 +182,7 @@ def main() -> None:
     for precision in ("bf16", "fp16", "fp32"):
         t0 = time.perf_counter()
         results[precision], model = train_check(tok, texts, device, preset, precision, steps, batch, micro,
-                                                context, peak)
+                                                context, peak, 3e-3 if smoke else 6e-4)
         results[precision]["seconds"] = round(time.perf_counter() - t0, 1)
         print(json.dumps({"train": precision, **results[precision]}), flush=True)
         if precision == "fp32":

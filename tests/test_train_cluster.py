@@ -2,10 +2,11 @@
 
 The cluster is its own Ray instance, so the run happens in a child process (this file run
 as a script) and never touches the session cluster of the other tests. Elastic training
-(min_workers=1, num_workers=2): the run starts with 2 workers on worker nodes of 3 CPUs
-(the head has none, so training lands on the nodes; a spare CPU per node keeps Ray Data's
-readers schedulable, see RAY_NOTES). After the first checkpoint is registered the node of
-rank 0 is removed, and the run must finish from that checkpoint on what is left, with the
+(min_workers=1, num_workers=2): the run starts with 2 workers of 2 CPUs on worker nodes of
+3 CPUs (the head has none, so training lands on the nodes; a spare CPU per node keeps Ray
+Data's readers schedulable, see RAY_NOTES), so the node that is left holds one worker.
+After the first checkpoint is registered the node of rank 0 is removed, and the run must
+finish from that checkpoint on what is left, with the
 global batch unchanged whatever the worker count, and the data going on at the same global
 sample: the run is exactly one epoch of distinct rows, and a row-use log (a test hook) shows
 every row used exactly once by the steps that count (a step redone after the restart counts
@@ -99,7 +100,9 @@ def _child(tmp: str) -> None:
     cfg = load_config(None, {"train": {
         "data": data, "out": out, "name": "elastic", "preset": "tiny", "global_batch_size": 8, "micro_batch_size": 4,
         "max_steps": max_steps, "checkpoint_every": 4, "log_every": 2, "num_workers": 2, "min_workers": 1,
-        "max_failures": 3, "warmup_steps": 2}}).resolved()
+        "max_failures": 3, "warmup_steps": 2,
+        # 2 CPUs a worker on nodes of 3: the node that is left holds one worker, not both
+        "cpus_per_worker": 2, "torch_threads": 1}}).resolved()
     result: dict = {}
 
     def run() -> None:
