@@ -1,7 +1,10 @@
 """OUT/manifest.json: what preprocess read, with which config, and what it produced.
 
 The manifest is written last, so its presence means the outputs are complete. A rerun with
-the same input files (by sha256) and the same config finds it and skips the work.
+the same input files (by sha256) and the same config finds it and skips the work. This
+module owns reading it: training and evaluation ask it for the data folder's format
+(`load_manifest`, `data_format`, `context_length`) instead of reading the JSON themselves.
+Files go through zhchat.storage (pyarrow's filesystems, as Ray Data and Ray Train use).
 """
 
 from __future__ import annotations
@@ -9,10 +12,10 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 from typing import Any, Sequence
 
-from zhchat.config import PreprocessConfig, is_uri
+from zhchat.config import PreprocessConfig
+from zhchat.storage import exists, filesystem, join, list_files, read_text, write_text
 
 MANIFEST = "manifest.json"
 VERSION = 1
@@ -21,23 +24,9 @@ VERSION = 1
 _NOT_FINGERPRINTED = {"input", "out", "force"}
 
 
-def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
-
-
 def list_parquet(path: str) -> list[str]:
     """Sorted *.parquet files directly under a local folder or cloud URI ([] if none)."""
-    if not is_uri(path):
-        if not os.path.isdir(path):
-            return []
-        return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet"))
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(path)
-    if not fs.exists(root):
-        return []
-    proto = path.split("://", 1)[0]
-    return sorted(f"{proto}://{p}" for p in fs.glob(f"{root.rstrip('/')}/*.parquet"))
+    return [f for f in list_files(path) if f.endswith(".parquet")]
 
 
 def input_files(input_dir: str) -> list[str]:
@@ -50,10 +39,9 @@ def input_files(input_dir: str) -> list[str]:
 
 
 def file_sha256(path: str) -> str:
-    import fsspec
-
+    fs, p = filesystem(path)
     h = hashlib.sha256()
-    with fsspec.open(path, "rb") as f:
+    with fs.open_input_stream(p) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -62,10 +50,8 @@ def file_sha256(path: str) -> str:
 def hash_inputs(files: Sequence[str]) -> list[dict[str, Any]]:
     out = []
     for f in files:
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(f)
-        out.append({"path": f, "sha256": file_sha256(f), "bytes": int(fs.size(p))})
+        fs, p = filesystem(f)
+        out.append({"path": f, "sha256": file_sha256(f), "bytes": int(fs.get_file_info(p).size)})
     return out
 
 
@@ -88,33 +74,48 @@ def build_manifest(inputs: list[dict[str, Any]], cfg: PreprocessConfig, counts: 
 
 def write_manifest(out_dir: str, manifest: dict[str, Any]) -> str:
     path = join(out_dir, MANIFEST)
-    text = json.dumps(manifest, ensure_ascii=False, indent=2)
-    if is_uri(out_dir):
-        import fsspec
-
-        with fsspec.open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-        return path
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written manifest
+    # Through a temporary name: a crash never leaves a half-written manifest.
+    write_text(path, json.dumps(manifest, ensure_ascii=False, indent=2))
     return path
 
 
 def read_manifest(out_dir: str) -> dict[str, Any] | None:
-    import fsspec
-
-    path = join(out_dir, MANIFEST)
-    fs, p = fsspec.core.url_to_fs(path)
-    if not fs.exists(p):
-        return None
+    """The manifest, or None when absent or unreadable (preprocess then redoes the work)."""
     try:
-        with fsspec.open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
+        text = read_text(join(out_dir, MANIFEST))
+        return json.loads(text) if text is not None else None
     except (OSError, ValueError):
-        return None  # unreadable: treat as absent and redo the work
+        return None
+
+
+def load_manifest(data_dir: str) -> dict:
+    """DATA/manifest.json for a stage that reads the data, with clear errors when the folder
+    is not a complete preprocess output."""
+    text = read_text(join(data_dir, MANIFEST))
+    if text is None:
+        raise FileNotFoundError(
+            f"{data_dir} has no {MANIFEST}: it is not a folder written by `zhchat preprocess` "
+            "(run preprocess first, or point --data at its --out folder)")
+    manifest = json.loads(text)
+    for what in ("tokenizer/tokenizer.json", "tokens/train"):
+        if not exists(join(data_dir, *what.split("/"))):
+            raise FileNotFoundError(f"{data_dir} is missing {what}; re-run `zhchat preprocess`")
+    return manifest
+
+
+def data_format(manifest: dict) -> dict:
+    """The dialogue-format section (FormatConfig) the data was encoded with."""
+    fmt = (manifest.get("config") or {}).get("format")
+    if not isinstance(fmt, dict):
+        raise ValueError(f"{MANIFEST} has no config.format section; re-run `zhchat preprocess`")
+    return fmt
+
+
+def context_length(manifest: dict) -> int:
+    value = data_format(manifest).get("context_length")
+    if not value:
+        raise ValueError(f"{MANIFEST} has no config.format.context_length; re-run `zhchat preprocess`")
+    return int(value)
 
 
 def is_complete(out_dir: str, inputs: Sequence[str] | Sequence[dict], cfg: PreprocessConfig) -> bool:

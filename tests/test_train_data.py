@@ -92,15 +92,18 @@ def test_count_targets_uses_shifted_labels():
 
 
 def test_manifest_context_length_and_errors(tmp_path):
-    from pipelines.train.data import context_length, load_manifest
+    from pipelines.manifest import context_length, data_format, load_manifest
 
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         load_manifest(str(tmp_path))
     d = build_data_dir(str(tmp_path / "data"), n_dialogues=20)
-    assert context_length(load_manifest(d)) == 64
-    assert context_length({"preprocess": {"format": {"context_length": 128}}}) == 128
+    assert context_length(load_manifest(d)) == 64 and data_format(load_manifest(d))["loss_on"] == "replies"
+    # One place: config.format, as preprocess writes it (pipelines/manifest.py build_manifest).
+    assert context_length({"config": {"format": {"context_length": 128}}}) == 128
     with pytest.raises(ValueError, match="context_length"):
-        context_length({"config": {}})
+        context_length({"config": {"format": {}}})
+    with pytest.raises(ValueError, match="config.format"):
+        context_length({"preprocess": {"format": {"context_length": 128}}})
 
 
 def test_resolve_checkpoint_paths(tmp_path):

@@ -19,14 +19,9 @@ import posixpath
 
 from .config import is_uri
 from .storage import exists, read_text
+from .storage import join as _join
 
 POINTER = "latest.json"
-
-
-def _join(base: str, name: str) -> str:
-    if is_uri(base):
-        return base.rstrip("/") + "/" + name
-    return os.path.join(base, name)
 
 
 def is_checkpoint(path: str) -> bool:

@@ -149,9 +149,9 @@ def finished_step(run_dir: str) -> int | None:
 
 def write_pointers(out_dir: str, name: str, run_pointer: dict) -> None:
     """OUT/NAME/latest.json (the run) and OUT/latest.json (which run finished last)."""
-    sep = "/" if "://" in out_dir else os.sep
-    run_dir = out_dir.rstrip("/") + sep + name
-    write_text(run_dir + sep + POINTER, json.dumps(run_pointer, ensure_ascii=False, indent=1, default=str))
-    write_text(out_dir.rstrip("/") + sep + POINTER,
+    from zhchat.storage import join
+
+    write_text(join(out_dir, name, POINTER), json.dumps(run_pointer, ensure_ascii=False, indent=1, default=str))
+    write_text(join(out_dir, POINTER),
                json.dumps({"run": name, "best_checkpoint_path": run_pointer.get("best_checkpoint_path")},
                           ensure_ascii=False, indent=1))

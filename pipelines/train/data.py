@@ -12,58 +12,18 @@ replays that order and skips the batches already trained on.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Iterator
 
 import numpy as np
 
 from zhchat.dialogue import IGNORE_INDEX
-from zhchat.storage import exists, read_text
+from zhchat.storage import exists, join
 
 SPLITS = ("train", "validation", "test")
 
 
-def _join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts]) if "://" in base else os.path.join(base, *parts)
-
-
 def split_dir(data_dir: str, split: str, kind: str = "tokens") -> str:
-    return _join(data_dir, kind, split)
-
-
-def load_manifest(data_dir: str) -> dict:
-    """DATA/manifest.json, with clear errors when the folder is not a preprocess output."""
-    text = read_text(_join(data_dir, "manifest.json"))
-    if text is None:
-        raise FileNotFoundError(
-            f"{data_dir} has no manifest.json: it is not a folder written by `zhchat preprocess` "
-            "(run preprocess first, or point --data at its --out folder)"
-        )
-    manifest = json.loads(text)
-    for what in ("tokenizer/tokenizer.json", "tokens/train"):
-        if not exists(_join(data_dir, *what.split("/"))):
-            raise FileNotFoundError(f"{data_dir} is missing {what}; re-run `zhchat preprocess`")
-    return manifest
-
-
-def manifest_format(manifest: dict) -> dict:
-    """The dialogue-format section of the preprocess config recorded in the manifest
-    (found under `config`, `preprocess`, or at the top)."""
-    for section in (manifest.get("config"), manifest.get("preprocess"), manifest):
-        if isinstance(section, dict):
-            if isinstance(section.get("format"), dict):
-                return section["format"]
-            if section.get("context_length"):
-                return {"context_length": section["context_length"]}
-    return {}
-
-
-def context_length(manifest: dict) -> int:
-    value = manifest_format(manifest).get("context_length")
-    if not value:
-        raise ValueError("manifest.json has no format.context_length; re-run `zhchat preprocess`")
-    return int(value)
+    return join(data_dir, kind, split)
 
 
 def read_split(data_dir: str, split: str, kind: str = "tokens", columns: list[str] | None = None,

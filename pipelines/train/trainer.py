@@ -16,11 +16,12 @@ import time
 
 from zhchat.config import RunConfig, is_uri
 from zhchat.report import kv_table, say
-from zhchat.storage import join as _join
-from zhchat.storage import local_copy, read_text
+from zhchat.storage import join, local_copy, read_text
 
 from .checkpoint import failure_records, finished_step, run_name, write_pointers
-from .data import context_length, load_manifest, manifest_format, read_split, split_dir
+from pipelines.manifest import context_length, data_format, load_manifest
+
+from .data import read_split, split_dir
 from .loop import LoopConfig, train_loop_per_worker
 from .metrics import LOSS_PNG, METRICS_FILE, TB_DIR, plot_loss_curve, read_metrics
 
@@ -108,14 +109,14 @@ def train(cfg: RunConfig, debug: dict | None = None) -> dict:
     data_dir = t.data
     manifest = load_manifest(data_dir)
     ctx_len = context_length(manifest)
-    tokenizer = load_tokenizer(local_copy(_join(data_dir, "tokenizer")), ctx_len)
+    tokenizer = load_tokenizer(local_copy(join(data_dir, "tokenizer")), ctx_len)
     check_shards_vocab(data_dir, len(tokenizer))
     if t.init_from:
         check_same_vocab(tokenizer, load_tokenizer(t.init_from), data_dir, t.init_from)
 
     out = t.out if is_uri(t.out) else os.path.abspath(os.path.expanduser(t.out))
     name = run_name(t, data_dir)
-    run_dir = _join(out, name)
+    run_dir = join(out, name)
     done = finished_step(run_dir)
     if done is not None and done >= t.max_steps:
         say(f"[bold yellow]train:[/] run {name!r} already finished at step {done} (max_steps {t.max_steps}); "
@@ -155,7 +156,7 @@ def train(cfg: RunConfig, debug: dict | None = None) -> dict:
         has_validation=has_val,
         info={"run": name, "preset": None if t.init_from else t.preset, "init_from": t.init_from,
               "context_length": ctx_len, "data": data_dir,
-              "loss_on": manifest_format(manifest).get("loss_on")},
+              "loss_on": data_format(manifest).get("loss_on")},
         debug=dict(debug or {}),
     )
     workers = (t.min_workers, t.num_workers) if t.min_workers is not None else t.num_workers
@@ -219,8 +220,8 @@ def _checkpoint_name(ckpt) -> str:
 
 
 def _pointer_paths(run_dir: str) -> dict:
-    return {"metrics": _join(run_dir, METRICS_FILE), "tensorboard": _join(run_dir, TB_DIR),
-            "loss_curve": _join(run_dir, LOSS_PNG)}
+    return {"metrics": join(run_dir, METRICS_FILE), "tensorboard": join(run_dir, TB_DIR),
+            "loss_curve": join(run_dir, LOSS_PNG)}
 
 
 def _finish(out: str, name: str, run_dir: str, result, score: str, elapsed: float) -> dict:
@@ -233,12 +234,12 @@ def _finish(out: str, name: str, run_dir: str, result, score: str, elapsed: floa
     if best_ckpt is None:  # e.g. an already-finished run restarted: keep what latest.json says
         previous = read_pointer(run_dir) or {}
         return {"run_dir": run_dir, "name": name, **previous}
-    rows = read_metrics(read_text(_join(run_dir, METRICS_FILE)) or "")
+    rows = read_metrics(read_text(join(run_dir, METRICS_FILE)) or "")
     png = None
     with tempfile.TemporaryDirectory() as tmp:
         local_png = plot_loss_curve(rows, os.path.join(tmp, LOSS_PNG), title=name)
         if local_png:
-            png = _join(run_dir, LOSS_PNG)
+            png = join(run_dir, LOSS_PNG)
             if is_uri(png):
                 from zhchat.storage import upload
 
@@ -248,7 +249,7 @@ def _finish(out: str, name: str, run_dir: str, result, score: str, elapsed: floa
     final_ckpt = result.checkpoint
     pointer = {
         "status": "finished", "name": name, "step": int(metrics.get("step", 0)),
-        "best_checkpoint": _checkpoint_name(best_ckpt), "best_checkpoint_path": _join(run_dir, _checkpoint_name(best_ckpt)),
+        "best_checkpoint": _checkpoint_name(best_ckpt), "best_checkpoint_path": join(run_dir, _checkpoint_name(best_ckpt)),
         "latest_checkpoint": _checkpoint_name(final_ckpt) if final_ckpt else None,
         "best_metrics": {k: v for k, v in best_metrics.items() if isinstance(v, (int, float))},
         "final_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
