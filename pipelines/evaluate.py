@@ -14,6 +14,7 @@
 
 Scoring and generation run on Ray Data actors that load the model once each.
 The report is saved beside the checkpoint as eval_report.json and eval_report.md.
+Metrics by turn index and self-repetition: pipelines/turn_metrics.py (turn_metrics.png beside them).
 """
 
 from __future__ import annotations
@@ -300,11 +301,15 @@ def evaluate(cfg: RunConfig) -> dict:
         "samples": len(done), "skipped_prompt_too_long": len(generated) - len(done),
         "skipped_single_turn": skipped_short, "sampling": params,
     }
+    from pipelines.turn_metrics import report_fields  # by_turn, self_repetition(_reference)
+
+    report.update(report_fields(done))
     report_path = _save_report(ckpt, report, generated[: e.show_samples])
     report["report_path"] = report_path
     kv_table("eval", {k: report[k] for k in ("perplexity", "unigram_perplexity", "tokens", "bleu2", "bleu4",
                                              "bleu2_words", "bleu4_words", "distinct1", "distinct2", "avg_length",
-                                             "repetition_rate", "samples")} | {"report": report_path})
+                                             "repetition_rate", "self_repetition", "samples")}
+             | {"report": report_path, "by-turn plot": report["turn_metrics_png"]})
     return report
 
 
@@ -331,10 +336,17 @@ def markdown_report(report: dict, samples: Sequence[dict]) -> str:
               "distinct1", "distinct2", "distinct1_words", "distinct2_words", "avg_length", "avg_reference_length",
               "repetition_rate", "empty_replies", "samples", "skipped_prompt_too_long", "skipped_single_turn"):
         lines.append(f"| {k} | {f(report[k])} |")
+    if "self_repetition" in report:
+        lines.append(f"| self_repetition (model / human) | {f(report['self_repetition'])} / "
+                     f"{f(report['self_repetition_reference'])} |")
     lines += ["", "Perplexity is exp of the token-weighted mean NLL over the whole test split; the unigram "
               "baseline uses add-one smoothed train-split token frequencies on the same tokens. BLEU is on a "
               "0–100 scale (sacrebleu), distinct-n a 0–1 ratio over characters.", "",
               f"Sampling: `{json.dumps(report['sampling'])}`", "", "## Sample dialogues", ""]
+    from pipelines.turn_metrics import markdown_lines
+
+    at = lines.index("## Sample dialogues")
+    lines[at:at] = markdown_lines(report)  # the "By turn" section, before the samples
     for i, s in enumerate(samples, 1):
         lines.append(f"### {i}")
         for j, turn in enumerate(s["context"]):
@@ -347,10 +359,16 @@ def markdown_report(report: dict, samples: Sequence[dict]) -> str:
 
 
 def _save_report(ckpt: str, report: dict, samples: Sequence[dict]) -> str:
+    """Writes eval_report.json/.md and, from report["by_turn"], turn_metrics.png beside them
+    (report["turn_metrics_png"]: its path, None when there was nothing to draw)."""
+    from pipelines.turn_metrics import TURN_PNG, write_turn_plot
     from zhchat.storage import write_text
 
     sep = "/" if is_uri(ckpt) else os.sep
     path = ckpt.rstrip("/") + sep + REPORT_JSON
+    report["turn_metrics_png"] = (write_turn_plot(report["by_turn"], ckpt.rstrip("/") + sep + TURN_PNG,
+                                                  title="/".join(ckpt.rstrip("/").split(sep)[-2:]))
+                                  if report.get("by_turn") else None)
     clean = [{"context": list(s["context"]), "reference": s["reference"], "reply": s["reply"],
               "generated": bool(s["generated"])} for s in samples]
     write_text(path, json.dumps({**report, "sample_dialogues": clean}, ensure_ascii=False, indent=1, default=str))

@@ -193,8 +193,8 @@ def test_actor_limiter_client_returns_every_lease(ray_cluster):
 
     import ray
 
-    from pipelines.crawl.fetch import ActorLimiter, fetch_many
-    from pipelines.crawl.politeness import get_or_create_limiter, stop_limiter
+    from pipelines.crawl.fetch import fetch_many
+    from pipelines.crawl.limiter import ActorLimiter, get_or_create_limiter, stop_limiter
 
     with tree_site(1, 12) as server:
         handle = get_or_create_limiter("lease-test", 3, 1000, 60)

@@ -11,9 +11,10 @@ import pytest
 from crawl_site import Reply, SiteServer, html_page
 from pipelines.crawl.decode import canonical, decode_body
 from pipelines.crawl.extract import page_links, thread_turns
-from pipelines.crawl.fetch import Fetcher, LocalLimiter, make_client, retry_after_s
+from pipelines.crawl.fetch import Fetcher, make_client, retry_after_s
+from pipelines.crawl.limiter import HostLimiterCore, LocalLimiter
 from pipelines.crawl.frontier import Frontier
-from pipelines.crawl.politeness import HostLimiterCore, Robots
+from pipelines.crawl.robots import Robots
 from pipelines.crawl.urls import BadURL, in_scope, normalize_url
 from zhchat.config import CrawlConfig, SelectorConfig
 

@@ -115,6 +115,14 @@ def test_eval_cli_json_report(ray_cluster, eval_setup, capsys):
     assert saved["perplexity"] == report["perplexity"] and len(saved["sample_dialogues"]) == 3
     md = open(os.path.join(ckpt, "eval_report.md"), encoding="utf-8").read()
     assert "| perplexity |" in md and "模型回复" in md
+    # Multi-turn evaluation: every reply lands in one turn bucket; the PNG sits beside the report.
+    by_turn = saved["by_turn"]
+    assert list(by_turn["buckets"]) == ["1", "2", "3", "4+"]
+    assert sum(b["count"] for b in by_turn["buckets"].values()) == by_turn["all"]["count"] == 6
+    assert 0 <= report["self_repetition"] <= 1 and 0 <= report["self_repetition_reference"] <= 1
+    assert report["turn_metrics_png"] == os.path.join(ckpt, "turn_metrics.png")
+    assert open(report["turn_metrics_png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "## By turn" in md and "![metrics by turn](turn_metrics.png)" in md
 
 
 def test_eval_refuses_a_model_with_another_vocabulary(ray_cluster, eval_setup, tmp_path):

@@ -1,6 +1,7 @@
 """`zhchat crawl`: a polite, parallel, resumable, Chinese-aware crawler on Ray Data.
 
-Files: urls (normalise, scope), politeness (robots.txt, the cluster-wide host limiter actor),
+Files: urls (normalise, scope), limiter (the cluster-wide host limiter actor and its clients),
+robots (robots.txt rules and fetching them),
 fetch (aiohttp, retries, redirects, caps), decode (charsets), extract (text, links, threads),
 process (bytes -> rows), frontier, output (Parquet parts, resume), stage (the driver loop).
 """

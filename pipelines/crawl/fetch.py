@@ -10,16 +10,13 @@ limits apply), retries with exponential backoff on timeouts, connection errors, 
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import random
 import ssl
 import time
-import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Callable, Mapping, Protocol
+from typing import Callable, Mapping
 
 import aiohttp
 import yarl
@@ -27,6 +24,7 @@ import pyarrow as pa
 
 from zhchat.config import CrawlConfig
 
+from .limiter import Limiter
 from .urls import BadURL, host_of, normalize_url, origin_of
 
 TEXT_TYPES = ("text/html", "text/plain")
@@ -45,158 +43,6 @@ FETCH_SCHEMA = pa.schema([
     ("message", pa.string()),
     ("redirect_to", pa.string()),  # set when the page redirects to another origin
 ])
-
-
-class Limiter(Protocol):
-    async def acquire(self, host: str) -> int: ...
-    def release(self, host: str, lease: int) -> None: ...
-    def flush(self) -> None: ...
-    def close(self) -> None: ...
-    async def pause(self, host: str, seconds: float) -> None: ...
-
-
-@dataclass
-class _Held:
-    host: str
-    spacing: float       # this lease's own starts stay this far apart (concurrency x interval)
-    reuse_until: float
-    last_start: float
-    uses: int = 0        # requests started with it
-
-
-class ActorLimiter:
-    """Client side of the HostLimiter actor, one per event loop.
-
-    Every hand-over of a lease through the actor costs two messages, and on a busy machine
-    those add up to a sizeable share of a 50 ms request. So a lease released here goes straight
-    to a coroutine of this process waiting for the same host, if there is one, with no call at
-    all (keeping the lease's own start spacing); otherwise it goes back to the actor at the end
-    of the event-loop turn, in one fire-and-forget call or riding on the next request for a
-    lease. A lease is passed on like this for at most REUSE_S and never after a Retry-After, so
-    the actor's limits and pauses reach every worker quickly, and other workers get their turn."""
-
-    def __init__(self, handle):
-        self.h = handle
-        self._held: dict[int, _Held] = {}
-        self._waiting: dict[str, collections.deque[asyncio.Future]] = collections.defaultdict(collections.deque)
-        self._asking: collections.Counter[str] = collections.Counter()  # lease requests in flight
-        self._cap: dict[str, int] = {}  # the host's concurrency, as the actor last said
-        self._done: list[tuple[str, int, int, float]] = []  # host, lease, requests, last start
-        self._flush: asyncio.Handle | None = None
-        self._tasks: set[asyncio.Task] = set()
-        self._tickets: set[tuple[str, int]] = set()  # lease requests not answered yet
-        self._client_id = uuid.uuid4().hex[:12]
-        self._next_ticket = 0
-
-    async def acquire(self, host: str) -> int:
-        fut = asyncio.get_running_loop().create_future()
-        waiting = self._waiting[host]
-        waiting.append(fut)
-        self._top_up(host)
-        lease = await fut
-        held = self._held[lease]
-        wait = held.last_start + held.spacing - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        held.last_start = time.monotonic()
-        held.uses += 1
-        return lease
-
-    def _top_up(self, host: str) -> None:
-        """One lease request per waiting coroutine, but never more than the host's concurrency
-        (learnt from the first answer): more would only queue at the actor and spread the host's
-        leases thinly over many workers instead of letting each pass its own on."""
-        want = min(len(self._waiting[host]), self._cap.get(host, 1))
-        while self._asking[host] < want:
-            self._asking[host] += 1
-            task = asyncio.get_running_loop().create_task(self._ask(host))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _ask(self, host: str) -> None:
-        done, self._done = self._sent_back(), []
-        self._next_ticket += 1
-        ticket = (self._client_id, self._next_ticket)
-        self._tickets.add(ticket)
-        try:
-            lease, spacing, reuse_s, self._cap[host] = await self.h.lease.remote(host, done, ticket)
-        finally:
-            self._asking[host] -= 1
-        if ticket not in self._tickets:
-            return  # forgotten by close(): the actor takes this lease back itself
-        self._tickets.discard(ticket)
-        now = time.monotonic()
-        self._held[lease] = _Held(host, spacing, now + reuse_s, now - spacing)
-        self._hand_over(host, lease, fresh=True)
-        self._top_up(host)
-
-    def _hand_over(self, host: str, lease: int, fresh: bool = False) -> None:
-        held = self._held[lease]
-        waiting = self._waiting[host]
-        while waiting and (fresh or time.monotonic() < held.reuse_until):
-            fut = waiting.popleft()
-            if not fut.done():  # a waiter may have been cancelled
-                fut.set_result(lease)
-                return
-        held = self._held.pop(lease)
-        self._done.append((host, lease, held.uses, held.last_start))  # the actor counts requests from this
-        if self._flush is None:
-            self._flush = asyncio.get_running_loop().call_soon(self.flush)
-
-    def release(self, host: str, lease: int) -> None:
-        self._hand_over(host, lease)
-
-    def close(self) -> None:
-        """Before the event loop ends: withdraw unanswered lease requests (the coroutines that
-        wanted them were served by hand-overs) and send back what is left."""
-        if self._tickets:
-            self.h.forget.remote(sorted(self._tickets))
-            self._tickets.clear()
-        self.flush()
-
-    def flush(self) -> None:
-        """Send every lease given back in this turn that no lease request took along."""
-        self._flush = None
-        if self._done:
-            done, self._done = self._sent_back(), []
-            self.h.release_many.remote(done)
-
-    def _sent_back(self) -> list[tuple[str, int, int, float]]:
-        """The leases given back, each with how long ago its last request started: the actor
-        spaces the host's next start from that one (its own clock may be another node's), so
-        a Crawl-delay holds across a hand-back too."""
-        now = time.monotonic()
-        return [(host, lease, uses, max(0.0, now - last)) for host, lease, uses, last in self._done]
-
-    async def pause(self, host: str, seconds: float) -> None:
-        for held in self._held.values():
-            if held.host == host:
-                held.reuse_until = 0.0  # the host said slow down: every lease goes back
-        await self.h.pause.remote(host, seconds)
-
-
-class LocalLimiter:
-    """The same limiter in-process (robots fetches without Ray, unit tests)."""
-
-    def __init__(self, core):
-        self.core = core
-        self._tasks: set[asyncio.Task] = set()
-
-    async def acquire(self, host: str) -> int:
-        return await self.core.acquire(host)
-
-    def release(self, host: str, lease: int) -> None:
-        t = asyncio.get_running_loop().create_task(self.core.release(host, lease))
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-
-    def flush(self) -> None:
-        pass  # releases are already tasks on this loop
-
-    close = flush
-
-    async def pause(self, host: str, seconds: float) -> None:
-        await self.core.pause(host, seconds)
 
 
 class _Retry(Exception):
@@ -400,16 +246,3 @@ async def fetch_many(rows: list[dict], cfg: CrawlConfig, limiter: Limiter,
         await asyncio.gather(*(worker() for _ in range(min(cfg.fetch_concurrency, len(rows)))))
     limiter.close()  # the loop is about to end: no lease may stay out
     return out  # type: ignore[return-value]
-
-
-def task_limiter_and_rules(cfg: CrawlConfig, crawl_id: str, robots: dict[str, dict]):
-    """Inside a Ray task: the crawl's limiter client and the robots check for redirects."""
-    from .politeness import Robots, lookup_limiter
-
-    rules = {origin: Robots.from_state(s, cfg.user_agent) for origin, s in robots.items()}
-
-    def allowed(url: str) -> bool:
-        r = rules.get(origin_of(url))
-        return r is None or r.allowed(url)
-
-    return ActorLimiter(lookup_limiter(crawl_id)), allowed

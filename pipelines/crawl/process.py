@@ -15,9 +15,11 @@ from selectolax.lexbor import LexborHTMLParser
 from zhchat.config import CrawlConfig
 
 from .decode import decode_body
-from .fetch import fetch_many, task_limiter_and_rules
 from .extract import main_text, meta_robots, page_links, thread_turns
-from .urls import in_scope
+from .fetch import fetch_many
+from .limiter import ActorLimiter, lookup_limiter
+from .robots import Robots
+from .urls import in_scope, origin_of
 
 RESULT_SCHEMA = pa.schema([
     ("url", pa.string()),
@@ -40,6 +42,17 @@ RESULT_SCHEMA = pa.schema([
     ("message", pa.string()),
     ("attempts", pa.int32()),
 ])
+
+
+def task_limiter_and_rules(cfg: CrawlConfig, crawl_id: str, robots: dict[str, dict]):
+    """Inside a Ray task: the crawl's limiter client and the robots check for redirects."""
+    rules = {origin: Robots.from_state(s, cfg.user_agent) for origin, s in robots.items()}
+
+    def allowed(url: str) -> bool:
+        r = rules.get(origin_of(url))
+        return r is None or r.allowed(url)
+
+    return ActorLimiter(lookup_limiter(crawl_id)), allowed
 
 
 def process_row(row: dict, cfg: CrawlConfig, allowed: list[str], exact_hosts: list[str]) -> dict:

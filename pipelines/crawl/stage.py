@@ -26,10 +26,10 @@ import pyarrow as pa
 from zhchat.config import CrawlConfig
 from zhchat.report import say, summary_table
 
-from .fetch import ActorLimiter
+from .limiter import ActorLimiter, get_or_create_limiter, limiter_name, stop_limiter
 from .frontier import Frontier
 from .output import SKIP_KINDS, CrawlStore, split_results
-from .politeness import Robots, fetch_robots, get_or_create_limiter, limiter_name, stop_limiter
+from .robots import Robots, fetch_robots
 from .process import crawl_batch
 from .urls import BadURL, host_of, normalize_url, origin_of
 

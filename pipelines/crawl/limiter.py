@@ -1,11 +1,11 @@
-"""Politeness that holds across the whole cluster: robots.txt rules and one host limiter.
+"""The crawl's host limiter: one named async Ray actor per crawl run, and its clients.
 
-The limiter is ONE named async Ray actor per crawl run. Every fetch, on any worker of any node,
-acquires a lease for its host before it sends a request and releases it after the body is
-read, so the per-host concurrency and request rate hold for the crawl as a whole, not per
-worker. Leases expire (a worker that dies while holding one cannot block a host forever),
-which also makes the actor safe to keep alive (detached) across a driver restart; we name
-it per run instead, so a rerun never meets a dead run's actor.
+Every fetch, on any worker of any node, acquires a lease for its host before it sends a
+request and releases it after the body is read, so the per-host concurrency and request
+rate hold for the crawl as a whole, not per worker. Leases expire (a worker that dies while
+holding one cannot block a host forever), which also makes the actor safe to keep alive
+(detached) across a driver restart; we name it per run instead, so a rerun never meets a
+dead run's actor. The client side (ActorLimiter, LocalLimiter) lives here beside the actor.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import asyncio
 import collections
 import functools
 import time
+import uuid
 from dataclasses import dataclass, field
-
-from protego import Protego
+from typing import Protocol
 
 LIMITER_NAMESPACE = "zhchat"
 
@@ -25,44 +25,6 @@ def limiter_name(crawl_id: str) -> str:
     return f"zhchat-crawl-limiter-{crawl_id}"
 
 
-def ua_token(user_agent: str) -> str:
-    """The product token robots.txt groups are matched against ('zhchat-crawler/0.1 (+…)' -> 'zhchat-crawler')."""
-    return user_agent.split("/")[0].split()[0] if user_agent.strip() else "*"
-
-
-class Robots:
-    """robots.txt of one origin. `allow_all` / `deny_all` follow RFC 9309: a missing file
-    (4xx) allows everything, an unreachable one (5xx, network errors) disallows everything."""
-
-    def __init__(self, text: str | None = None, *, deny_all: bool = False, user_agent: str = "*"):
-        self.deny_all = deny_all
-        self.reason = ""  # why everything is denied, for the errors table
-        self.token = ua_token(user_agent)
-        self._rp = Protego.parse(text) if text else None
-        self.text = text or ""
-
-    def allowed(self, url: str) -> bool:
-        if self.deny_all:
-            return False
-        return True if self._rp is None else self._rp.can_fetch(url, self.token)
-
-    def crawl_delay(self) -> float | None:
-        if self._rp is None:
-            return None
-        d = self._rp.crawl_delay(self.token)
-        return float(d) if d is not None else None
-
-    def to_state(self) -> dict:
-        """Small picklable form to ship to workers (Protego objects are rebuilt there)."""
-        return {"text": self.text, "deny_all": self.deny_all}
-
-    @classmethod
-    def from_state(cls, s: dict, user_agent: str) -> "Robots":
-        return cls(s["text"] or None, deny_all=s["deny_all"], user_agent=user_agent)
-
-
-# How long a worker may keep a lease for further requests to the same host without asking
-# the actor again (see ActorLimiter). Short, so a Retry-After seen elsewhere reaches it soon.
 REUSE_S = 1.0
 
 
@@ -297,30 +259,153 @@ def stop_limiter(handle) -> None:
     ray.kill(handle)
 
 
-async def fetch_robots(origins: list[str], cfg, limiter) -> dict[str, Robots]:
-    """robots.txt of each origin, fetched concurrently through the host limiter.
+class Limiter(Protocol):
+    async def acquire(self, host: str) -> int: ...
+    def release(self, host: str, lease: int) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+    async def pause(self, host: str, seconds: float) -> None: ...
 
-    200 -> its rules; 4xx (and unusable answers) -> allow all; 5xx or network failure after the
-    usual retries -> disallow all for this run (RFC 9309 2.3.1.4). A cross-origin redirect of
-    robots.txt is followed once.
-    """
-    from .fetch import Fetcher, make_client
 
-    async def one(fetcher: Fetcher, origin: str) -> tuple[str, Robots]:
-        row = await fetcher.fetch(f"{origin}/robots.txt")
-        if row["redirect_to"]:
-            row = await fetcher.fetch(row["redirect_to"])
-        if not row["error_kind"] and not row["redirect_to"]:
-            return origin, Robots(row["body"].decode("utf-8", "replace"), user_agent=cfg.user_agent)
-        if row["error_kind"] in ("http_4xx", "redirect_loop", "too_many_redirects", "bad_redirect",
-                                 "content_type", "too_large") or row["redirect_to"]:
-            return origin, Robots(None, user_agent=cfg.user_agent)
-        denied = Robots(None, deny_all=True, user_agent=cfg.user_agent)
-        denied.reason = f"robots.txt unavailable ({row['error_kind']}: {row['message']}); RFC 9309 says disallow all"
-        return origin, denied
+@dataclass
+class _Held:
+    host: str
+    spacing: float       # this lease's own starts stay this far apart (concurrency x interval)
+    reuse_until: float
+    last_start: float
+    uses: int = 0        # requests started with it
 
-    async with make_client(cfg, max(4, len(origins))) as client:
-        fetcher = Fetcher(cfg, client, limiter, any_text_type=True)
-        pairs = await asyncio.gather(*(one(fetcher, o) for o in origins))
-    limiter.close()
-    return dict(pairs)
+
+class ActorLimiter:
+    """Client side of the HostLimiter actor, one per event loop.
+
+    Every hand-over of a lease through the actor costs two messages, and on a busy machine
+    those add up to a sizeable share of a 50 ms request. So a lease released here goes straight
+    to a coroutine of this process waiting for the same host, if there is one, with no call at
+    all (keeping the lease's own start spacing); otherwise it goes back to the actor at the end
+    of the event-loop turn, in one fire-and-forget call or riding on the next request for a
+    lease. A lease is passed on like this for at most REUSE_S and never after a Retry-After, so
+    the actor's limits and pauses reach every worker quickly, and other workers get their turn."""
+
+    def __init__(self, handle):
+        self.h = handle
+        self._held: dict[int, _Held] = {}
+        self._waiting: dict[str, collections.deque[asyncio.Future]] = collections.defaultdict(collections.deque)
+        self._asking: collections.Counter[str] = collections.Counter()  # lease requests in flight
+        self._cap: dict[str, int] = {}  # the host's concurrency, as the actor last said
+        self._done: list[tuple[str, int, int, float]] = []  # host, lease, requests, last start
+        self._flush: asyncio.Handle | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._tickets: set[tuple[str, int]] = set()  # lease requests not answered yet
+        self._client_id = uuid.uuid4().hex[:12]
+        self._next_ticket = 0
+
+    async def acquire(self, host: str) -> int:
+        fut = asyncio.get_running_loop().create_future()
+        waiting = self._waiting[host]
+        waiting.append(fut)
+        self._top_up(host)
+        lease = await fut
+        held = self._held[lease]
+        wait = held.last_start + held.spacing - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        held.last_start = time.monotonic()
+        held.uses += 1
+        return lease
+
+    def _top_up(self, host: str) -> None:
+        """One lease request per waiting coroutine, but never more than the host's concurrency
+        (learnt from the first answer): more would only queue at the actor and spread the host's
+        leases thinly over many workers instead of letting each pass its own on."""
+        want = min(len(self._waiting[host]), self._cap.get(host, 1))
+        while self._asking[host] < want:
+            self._asking[host] += 1
+            task = asyncio.get_running_loop().create_task(self._ask(host))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _ask(self, host: str) -> None:
+        done, self._done = self._sent_back(), []
+        self._next_ticket += 1
+        ticket = (self._client_id, self._next_ticket)
+        self._tickets.add(ticket)
+        try:
+            lease, spacing, reuse_s, self._cap[host] = await self.h.lease.remote(host, done, ticket)
+        finally:
+            self._asking[host] -= 1
+        if ticket not in self._tickets:
+            return  # forgotten by close(): the actor takes this lease back itself
+        self._tickets.discard(ticket)
+        now = time.monotonic()
+        self._held[lease] = _Held(host, spacing, now + reuse_s, now - spacing)
+        self._hand_over(host, lease, fresh=True)
+        self._top_up(host)
+
+    def _hand_over(self, host: str, lease: int, fresh: bool = False) -> None:
+        held = self._held[lease]
+        waiting = self._waiting[host]
+        while waiting and (fresh or time.monotonic() < held.reuse_until):
+            fut = waiting.popleft()
+            if not fut.done():  # a waiter may have been cancelled
+                fut.set_result(lease)
+                return
+        held = self._held.pop(lease)
+        self._done.append((host, lease, held.uses, held.last_start))  # the actor counts requests from this
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_soon(self.flush)
+
+    def release(self, host: str, lease: int) -> None:
+        self._hand_over(host, lease)
+
+    def close(self) -> None:
+        """Before the event loop ends: withdraw unanswered lease requests (the coroutines that
+        wanted them were served by hand-overs) and send back what is left."""
+        if self._tickets:
+            self.h.forget.remote(sorted(self._tickets))
+            self._tickets.clear()
+        self.flush()
+
+    def flush(self) -> None:
+        """Send every lease given back in this turn that no lease request took along."""
+        self._flush = None
+        if self._done:
+            done, self._done = self._sent_back(), []
+            self.h.release_many.remote(done)
+
+    def _sent_back(self) -> list[tuple[str, int, int, float]]:
+        """The leases given back, each with how long ago its last request started: the actor
+        spaces the host's next start from that one (its own clock may be another node's), so
+        a Crawl-delay holds across a hand-back too."""
+        now = time.monotonic()
+        return [(host, lease, uses, max(0.0, now - last)) for host, lease, uses, last in self._done]
+
+    async def pause(self, host: str, seconds: float) -> None:
+        for held in self._held.values():
+            if held.host == host:
+                held.reuse_until = 0.0  # the host said slow down: every lease goes back
+        await self.h.pause.remote(host, seconds)
+
+
+class LocalLimiter:
+    """The same limiter in-process (robots fetches without Ray, unit tests)."""
+
+    def __init__(self, core):
+        self.core = core
+        self._tasks: set[asyncio.Task] = set()
+
+    async def acquire(self, host: str) -> int:
+        return await self.core.acquire(host)
+
+    def release(self, host: str, lease: int) -> None:
+        t = asyncio.get_running_loop().create_task(self.core.release(host, lease))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    def flush(self) -> None:
+        pass  # releases are already tasks on this loop
+
+    close = flush
+
+    async def pause(self, host: str, seconds: float) -> None:
+        await self.core.pause(host, seconds)
