@@ -158,6 +158,7 @@ def plot_turn_metrics(metrics: dict, png_path: str, title: str = "") -> str | No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     buckets = metrics["buckets"]
     counts = [buckets[b]["count"] for b in BUCKETS]
@@ -187,6 +188,7 @@ def plot_turn_metrics(metrics: dict, png_path: str, title: str = "") -> str | No
     ax.set_xticks(x, BUCKETS)
     ax.set_title("replies per bucket", fontsize=10)
     ax.set_ylim(0, max(counts) * 1.15)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3, axis="y")
     for ax in axes[1]:
         ax.set_xlabel("turn index of the reply (its speaker's n-th turn)")
@@ -222,11 +224,11 @@ def markdown_lines(report: dict) -> list[str]:
         return []
     cell = lambda row, key, fmt: "–" if not row["count"] else (  # noqa: E731
         f"{row['model'][key]:{fmt}} / {row['reference'][key]:{fmt}}")
-    lines = ["## By turn", "",
-             "Turn index: the reply's place among its speaker's turns (1 + the context turns at the reply's "
-             "parity; 4+ is turns 4 and later). Cells are model / human reference on the same samples. "
-             f"Self-repetition: share of replies repeating a phrase of {m['min_n']}+ characters that the same "
-             "speaker used earlier in the dialogue. Distinct-n falls with a bucket's size: compare within a row.",
+    note = ("Turn index: the reply's place among its speaker's turns (1 + the context turns at the reply's "
+            "parity; 4+ is turns 4 and later). Cells are model / human reference on the same samples. "
+            f"Self-repetition: share of replies repeating a phrase of {m['min_n']}+ characters that the same "
+            "speaker used earlier in the dialogue. Distinct-n falls with a bucket's size: compare within a row.")
+    lines = ["## By turn", "", note,
              "", "| turn | replies | length | distinct-1 | distinct-2 | repetition | self-repetition |",
              "|---|---|---|---|---|---|---|"]
     for name, row in [*m["buckets"].items(), ("all", m["all"])]:
