@@ -43,3 +43,67 @@ def add_dialogue_tokens(tok) -> int:
     if tok.pad_token is None:
         tok.pad_token = EOS
     return added
+
+
+# -- reading ids back as text -------------------------------------------------------------------
+
+def is_wordpiece(tok) -> bool:
+    """A BERT-style tokenizer (BertTokenizerFast: WordPiece over characters, [CLS]/[SEP]/[UNK]),
+    as the Chinese GPT-2 checkpoints people fine-tune from ship (uer/gpt2-chinese-*,
+    GPT2-chitchat)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    return backend is not None and type(backend.model).__name__ == "WordPiece"
+
+
+def _latin(ch: str) -> bool:
+    return ch.isascii() and ch.isalnum()
+
+
+def decode(tok, ids) -> str:
+    """Token ids as the text a reader expects, for every tokenizer zhchat loads.
+
+    Byte-level BPE (zhchat's own, GPT-2's) decodes exactly. A WordPiece decoder puts a space
+    between every pair of tokens, so Chinese comes out as "你 好 ！": here pieces are joined
+    directly, "##" continuations glued on, and a space kept only between two Latin words or
+    numbers ("hello world"); special tokens ([CLS], [SEP], [PAD], [MASK], the dialogue
+    tokens) and [UNK] never reach the text."""
+    ids = [int(i) for i in ids]
+    if not is_wordpiece(tok):
+        return tok.decode(ids, skip_special_tokens=True)
+    hidden = set(tok.all_special_ids)
+    if tok.unk_token_id is not None:
+        hidden.add(tok.unk_token_id)
+    out: list[str] = []
+    for t in tok.convert_ids_to_tokens([i for i in ids if i not in hidden]):
+        if t.startswith("##") and out:
+            out.append(t[2:])
+        elif out and _latin(out[-1][-1:]) and _latin(t[:1]):
+            out.append(" " + t)
+        else:
+            out.append(t)
+    return "".join(out)
+
+
+def tokenizer_report(tok, texts, examples: int = 5) -> dict:
+    """What a tokenizer cannot represent on a corpus: the unknown-token rate, and how often
+    decode(encode(text)) differs from the text (a BERT vocabulary lower-cases, drops
+    spaces between Chinese characters, maps rare characters to [UNK]), with examples."""
+    unk = tok.unk_token_id
+    tokens = unknown = changed = n = 0
+    shown: list[dict] = []
+    for text in texts:
+        if not text:
+            continue
+        n += 1
+        ids = tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
+        tokens += len(ids)
+        unknown += sum(1 for i in ids if i == unk) if unk is not None else 0
+        back = decode(tok, ids)
+        if back != text:
+            changed += 1
+            if len(shown) < examples:
+                shown.append({"text": text[:200], "decoded": back[:200]})
+    return {"texts": n, "tokens": tokens, "unknown_tokens": unknown,
+            "unknown_rate": unknown / tokens if tokens else 0.0,
+            "round_trip_changed": changed, "round_trip_changed_rate": changed / n if n else 0.0,
+            "examples": shown}
