@@ -7,7 +7,7 @@
   split's loss tokens with add-one smoothing over the vocabulary. A model that does not beat
   it has learned nothing beyond token frequencies.
 - Replies are generated for test dialogues (context = every turn but the last, reference =
-  the last) by the shared engine (zhchat.generation); BLEU-2/4 with sacrebleu on characters
+  the last) by the shared engine (zhchat.engine, `eval.engine`); BLEU-2/4 with sacrebleu on characters
   (tokenize="zh") and on jieba words; distinct-1/2 over characters (unique n-grams / all
   n-grams across replies, 0..1); average length; repetition rate (share of replies in which
   some character 3-gram occurs twice).
@@ -170,13 +170,14 @@ class NLLScorer:
 
 
 class ReplyGenerator:
-    def __init__(self, model_path: str, params: dict, threads: int = 1):
+    def __init__(self, model_path: str, params: dict, threads: int = 1, engine: str = "zhchat",
+                 batch_size: int = 16):
         import torch
 
-        from zhchat.generation import Engine, SamplingParams
+        from zhchat.engine import SamplingParams, open_engine
 
         torch.set_num_threads(threads)
-        self.engine = Engine.from_pretrained(model_path)
+        self.engine = open_engine(model_path, engine=engine, max_batch_size=batch_size, threads=threads)
         self.params = SamplingParams(**params)
 
     def __call__(self, batch: dict) -> dict:
@@ -285,12 +286,12 @@ def evaluate(cfg: RunConfig) -> dict:
         uni = unigram_perplexity(train_counts, test_counts)
 
         samples, skipped_short = reply_samples(_read_segmented_test(e.data, e.max_samples), e.max_samples)
-        params = dict(max_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
-                      repetition_penalty=e.repetition_penalty, no_repeat_ngram_size=e.no_repeat_ngram_size, seed=e.seed)
+        params = e.sampling()  # the sampling schema's fields (zhchat/engine/params.py)
         generated: list[dict] = []
         if samples:
             gen_ds = ray.data.from_items(samples).map_batches(
-                ReplyGenerator, fn_constructor_kwargs={"model_path": ckpt, "params": params, "threads": threads},
+                ReplyGenerator, fn_constructor_kwargs={"model_path": ckpt, "params": params, "threads": threads,
+                                                      "engine": e.engine, "batch_size": e.batch_size},
                 batch_format="numpy", **pool)
             generated = sorted(gen_ds.take_all(), key=lambda r: r["idx"])
     done = [g for g in generated if g["generated"]]

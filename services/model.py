@@ -32,16 +32,16 @@ def _engine_failed(e: Exception) -> dict:
 class ChatModel:
     def __init__(self, cfg: dict):
         from zhchat.blocklist import Blocklist
-        from zhchat.engine_process import EngineProcess
+        from zhchat.engine import open_engine
 
         self.cfg = ServeConfig.model_validate(cfg)
         if not self.cfg.model:
             raise ValueError("no model to serve: set serve.model in the config, --model, or ZHCHAT_MODEL")
-        # The model runs in a child process: this one's event loop streams every delta in
-        # Python, which would hold the GIL its forward passes need (zhchat/engine_process.py).
-        # Ray gives a replica OMP_NUM_THREADS=1 for fractional CPUs; torch gets the CPUs asked for.
-        self.engine = EngineProcess(self.cfg.model, max_batch_size=self.cfg.max_batch_size,
-                                    threads=max(1, int(round(self.cfg.replica_cpus))))
+        # The zhchat engine runs in a child process: this one's event loop streams every delta
+        # in Python, which would hold the GIL its forward passes need (zhchat/engine/process.py);
+        # vLLM runs its engine core in processes of its own. Ray gives a replica
+        # OMP_NUM_THREADS=1 for fractional CPUs; the engine gets the CPUs asked for.
+        self.engine = open_engine(self.cfg, child_process=True, threads=max(1, int(round(self.cfg.replica_cpus))))
         self.blocklist = Blocklist.load(self.cfg.blocklist_file)
         self._interval = self.cfg.stream_interval_ms / 1000
         self.engine.check_health()  # warm-up: the first user does not pay for lazy init
@@ -50,7 +50,7 @@ class ChatModel:
     def _prepare(self, req: dict):
         """(prompt ids, SamplingParams) or an error dict naming the field."""
         from zhchat.dialogue import Message, PromptTooLong
-        from zhchat.generation import SamplingParams
+        from zhchat.engine import SamplingParams
 
         try:
             params = SamplingParams(**req["params"])
@@ -86,7 +86,7 @@ class ChatModel:
     # the client gets a 503 with Retry-After, as for a dead replica; mid-stream the ingress
     # ends the stream with an in-band error.
     async def generate(self, req: dict) -> dict:
-        from zhchat.generation import EngineError
+        from zhchat.engine import EngineError
 
         try:
             return await self._generate(req)
@@ -95,7 +95,7 @@ class ChatModel:
 
     async def stream(self, req: dict) -> AsyncIterator[dict]:
         """Deltas {"text", "finish_reason", ...}; the first item may be an error dict."""
-        from zhchat.generation import EngineError
+        from zhchat.engine import EngineError
 
         started = False
         try:
@@ -159,11 +159,8 @@ class ChatModel:
         yield self._blocked(len(prompt), used)
 
     async def info(self) -> dict:
-        e = self.engine
-        return {"context_length": e.context_length, "vocab_size": e.vocab_size, "device": str(e.device),
-                "max_batch_size": e.max_batch_size, "stats": dict(e.stats), "pid": os.getpid(),
-                "engine_pid": e.pid, "engine_error": e.error,
-                "actor": ray.get_runtime_context().get_actor_name(),
+        # The engine's own info (name, shape, error, stats counters) and this replica's.
+        return {**self.engine.info(), "pid": os.getpid(), "actor": ray.get_runtime_context().get_actor_name(),
                 "blocklist": bool(self.blocklist)}
 
     async def check_health(self) -> None:

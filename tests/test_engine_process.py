@@ -11,8 +11,7 @@ import time
 import pytest
 
 from zhchat.dialogue import Message, PromptTooLong
-from zhchat.engine_process import EngineProcess
-from zhchat.generation import Engine, EngineError, SamplingParams
+from zhchat.engine import Engine, EngineError, EngineProcess, SamplingParams
 
 CONVS = [[Message("user", "你好")], [Message("user", "今天天气怎么样？我们去公园散步吧。")]]
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from zhchat.dialogue import Message, PromptTooLong
-from zhchat.generation import Engine, EngineError, SamplingParams, _Detokenizer, _Request
+from zhchat.engine import Engine, EngineError, SamplingParams
+from zhchat.engine.detokenizer import Detokenizer
+from zhchat.engine.sampler import Row, sample
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +114,11 @@ def test_max_tokens_and_stop_strings(untied_engine):
 def sample_loop(e, params: SamplingParams, steps: int, logits: torch.Tensor) -> list[int]:
     """The engine's sampler over fixed logits (the model always prefers the same tokens),
     the worst case for repetition."""
-    req = _Request([0], params, lambda d: None, _Detokenizer(e.tokenizer), torch.Generator().manual_seed(0))
+    row = Row(params, torch.Generator().manual_seed(0))
     for _ in range(steps):
-        req.out.append(e._sample(logits.clone()[None], [req])[0])
-        req.note_ngram()
-    return req.out
+        row.out.append(sample(logits[None], [row], e._never)[0][0])
+        row.note_ngram()
+    return row.out
 
 
 def test_penalties_are_the_dense_formula(engine):
@@ -138,9 +140,8 @@ def test_penalties_are_the_dense_formula(engine):
                                               logits * params.repetition_penalty), logits)
         dense = dense - pres * seen - freq * counts
         dense[len(engine.tokenizer):] = float("-inf")
-        req = _Request([0], params, lambda d: None, _Detokenizer(engine.tokenizer), torch.Generator())
-        req.out = list(out)
-        assert engine._sample(logits.clone()[None], [req]) == [int(dense.argmax())], trial
+        row = Row(params, torch.Generator(), list(out))
+        assert sample(logits[None], [row], engine._never)[0] == [int(dense.argmax())], trial
 
 
 def test_no_repeat_ngram_and_penalties(engine):
@@ -166,7 +167,7 @@ def test_stream_never_emits_half_characters(engine):
     tok = engine.tokenizer
     ids = engine.fmt.encode_text("龘")  # not in the tiny tokenizer's training text: 3 byte tokens
     assert len(ids) == 3
-    d = _Detokenizer(tok)
+    d = Detokenizer(tok)
     assert [d.push(i) for i in ids] == ["", "", "龘"]
     texts = []
     for seed in range(6):

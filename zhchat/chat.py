@@ -1,6 +1,6 @@
 """`zhchat chat`: talk to a model in the terminal, with history, replies streamed.
 
-Commands: /reset clears the history, /quit (or Ctrl-D) leaves. Uses the same Engine as
+Commands: /reset clears the history, /quit (or Ctrl-D) leaves. Uses the same engine as
 the server and evaluation, so what you see here is what the API answers.
 """
 
@@ -14,11 +14,11 @@ from .report import say
 
 
 def run_chat(cfg: RunConfig, args=None) -> dict:
-    from .generation import Engine, SamplingParams
+    from .engine import SamplingParams, open_engine
 
     if not cfg.serve.model:
         raise ValueError("no model: pass --model DIR (a checkpoint or run folder)")
-    engine = Engine.from_pretrained(cfg.serve.model)
+    engine = open_engine(cfg.serve)  # serve.engine: the same engine the server runs
     params = SamplingParams.from_defaults(cfg.serve.generation)
     say(f"model {cfg.serve.model} (context {engine.context_length} tokens); /reset clears, /quit leaves")
     history: list[Message] = []

@@ -21,7 +21,8 @@ from .data import (
 )
 from .ray import RayConfig
 from .serve import GenerationDefaults, ServeConfig
-from .train import EvalConfig, TrainConfig
+from .eval import EvalConfig
+from .train import TrainConfig
 
 __all__ = [
     "RunConfig", "ConfigError", "load_config", "check_stage_inputs", "Section", "existing_path", "is_uri",

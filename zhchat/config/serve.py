@@ -6,23 +6,29 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ..engine import params as sp
+from ..engine.types import EngineName
 from .base import Section
 
 
 class GenerationDefaults(Section):
-    """Sampling used when a request does not say; also the terminal chat's settings."""
+    """Sampling used when a request does not say; also the terminal chat's settings.
+    Fields, bounds and defaults are the sampling schema's (zhchat/engine/params.py)."""
 
-    max_tokens: int = Field(64, ge=1)
+    max_tokens: sp.MaxTokens = sp.DEFAULTS.max_tokens
     max_tokens_cap: int = Field(512, ge=1, description="Requests asking for more get a 400 naming max_tokens")
-    temperature: float = Field(0.8, ge=0, le=2)
-    top_p: float = Field(0.9, gt=0, le=1)
-    top_k: int = Field(50, ge=0)
-    repetition_penalty: float = Field(1.2, ge=1, le=3)
-    no_repeat_ngram_size: int = Field(3, ge=0)
+    temperature: sp.Temperature = sp.DEFAULTS.temperature
+    top_p: sp.TopP = sp.DEFAULTS.top_p
+    top_k: sp.TopK = sp.DEFAULTS.top_k
+    repetition_penalty: sp.RepetitionPenalty = sp.DEFAULTS.repetition_penalty
+    presence_penalty: sp.PresencePenalty = sp.DEFAULTS.presence_penalty
+    frequency_penalty: sp.FrequencyPenalty = sp.DEFAULTS.frequency_penalty
+    no_repeat_ngram_size: sp.NgramSize = sp.DEFAULTS.no_repeat_ngram_size
 
 
 class ServeConfig(Section):
     model: str | None = Field(None, description="Checkpoint folder, run folder or cloud URI")
+    engine: EngineName = Field("zhchat", description="zhchat: small models, laptops, tests; vllm: real models (the vllm extra)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     # -- the model deployment: replicas, autoscaling, resources

@@ -1,4 +1,4 @@
-"""Config for training and evaluation (pipelines/train, pipelines/evaluate)."""
+"""Config for training (pipelines/train); evaluation's is in eval.py."""
 
 from __future__ import annotations
 
@@ -67,23 +67,3 @@ class TrainConfig(Section):
                 f"each step. Worker counts that work: {', '.join(map(str, good)) or 'none'}; set min_workers/num_workers "
                 f"to a range of those, or a global_batch_size divisible by every count in it (e.g. {fix})")
         return self
-
-
-class EvalConfig(Section):
-    model: str | None = Field(None, description="Checkpoint folder, or a run folder (its best checkpoint)")
-    data: str | None = Field(None, description="Folder written by preprocess")
-    max_new_tokens: int = Field(48, ge=1)
-    max_samples: int = Field(200, ge=1, description="Test contexts to generate replies for")
-    batch_size: int = Field(16, ge=1, description="Sequences per forward pass / replies per generation batch")
-    actors: int | None = Field(None, ge=1, description="Model replicas scoring and generating (None: one per 2 cluster CPUs, at most 4)")
-    cpus_per_actor: float = Field(1.0, gt=0)
-    use_gpu: Literal["auto", "yes", "no"] = Field(
-        "auto", description="One GPU per model actor, never more actors than GPUs; auto: if the cluster has GPUs now")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Scoring autocast, the training rule")
-    temperature: float = Field(0.8, ge=0, le=2, description="0: greedy")
-    top_p: float = Field(0.9, gt=0, le=1)
-    top_k: int = Field(50, ge=0)
-    repetition_penalty: float = Field(1.2, ge=1, le=3)
-    no_repeat_ngram_size: int = Field(3, ge=0)
-    seed: int = 0
-    show_samples: int = Field(10, ge=0, description="Sample dialogues in the Markdown report")

@@ -5,9 +5,9 @@ process that Python holds the GIL that the engine thread needs between its torch
 under 16 streams a decode step took 17 ms of wall time for 11 ms of its own CPU
 (bench/serve.py). vLLM runs its engine core in a process of its own for the same reason.
 
-EngineProcess has the Engine's request side (zhchat.generation.EngineClient: prompts are
+EngineProcess has the Engine's request side (zhchat.engine.base.EngineClient: prompts are
 built here with the same tokenizer and DialogueFormat); the model runs in a child started
-with `python -m zhchat.engine_process` over a socket pair: requests and cancellations go
+with `python -m zhchat.engine.process` over a socket pair: requests and cancellations go
 one way, each engine step's deltas come back as one message. The child exits when the
 socket closes (its parent died), and a child that dies fails every open request, which the
 replica's health check then reports.
@@ -25,8 +25,11 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Callable
 
-from .dialogue import DialogueFormat
-from .generation import Delta, EngineClient, EngineError, PromptTooLong, SamplingParams, local_checkpoint
+from ..checkpoints import local_checkpoint
+from ..dialogue import DialogueFormat
+from .base import EngineClient
+from .params import SamplingParams
+from .types import Delta, EngineError, PromptTooLong
 
 
 @dataclass(eq=False)
@@ -38,12 +41,12 @@ class _Handle:
 
 class EngineProcess(EngineClient):
     def __init__(self, path: str, max_batch_size: int = 16, threads: int = 1, start_timeout_s: float = 300):
-        from .tokenizer import load_tokenizer
+        from ..tokenizer import load_tokenizer
 
         local = local_checkpoint(path)
         mine, theirs = socket.socketpair()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "zhchat.engine_process", str(theirs.fileno()), local, str(max_batch_size),
+            [sys.executable, "-m", "zhchat.engine.process", str(theirs.fileno()), local, str(max_batch_size),
              str(threads)], pass_fds=[theirs.fileno()], env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         theirs.close()
         self._conn = Connection(mine.detach())
@@ -72,6 +75,7 @@ class EngineProcess(EngineClient):
             raise PromptTooLong(f"the prompt is {len(prompt)} tokens; the context is {self.context_length}")
         if self.error:
             raise EngineError(self.error)
+        self.check_logit_bias(params)
         h = _Handle(next(self._ids), sink)
         self._open[h.id] = h
         self._send(("submit", h.id, list(prompt), params))
@@ -84,6 +88,11 @@ class EngineProcess(EngineClient):
     @property
     def pid(self) -> int:
         return self._proc.pid
+
+    def info(self) -> dict:
+        return {"engine": "zhchat", "context_length": self.context_length, "vocab_size": self.vocab_size,
+                "device": self.device, "max_batch_size": self.max_batch_size, "error": self.error,
+                "stats": self.stats, "engine_pid": self.pid}
 
     @property
     def stats(self) -> dict:
@@ -153,7 +162,7 @@ def _child(fd: int, path: str, max_batch_size: int, threads: int) -> None:
     commands itself between steps; each step's deltas go back as one message."""
     import torch
 
-    from .generation import Engine
+    from .local import Engine
 
     conn = Connection(fd)
     torch.set_num_threads(threads)
