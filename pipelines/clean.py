@@ -261,12 +261,15 @@ def clean_text(text: str, cfg: CleanConfig, hits: Counter | None = None) -> str:
     return _limit(_apply(text, _rules_for(cfg.model_dump_json()), hits), cfg, hits)
 
 
-def clean_dialogue(turns: Sequence[str], cfg: CleanConfig, rules: RuleSet | None = None) -> tuple[list[str], str, Counter]:
-    """Clean one dialogue: (turns, drop_reason, rule hits)."""
+def clean_dialogue(turns: Sequence[str], cfg: CleanConfig, rules: RuleSet | None = None,
+                   system: str = "", words: Sequence[str] | None = None) -> tuple[list[str], str, Counter, str]:
+    """Clean one dialogue: (turns, drop_reason, rule hits, drop detail). The detail says what
+    a quality rule found (the word, the ad, the share); "" when kept or for the length rules.
+    `words`: the sensitive-word list, when the caller has read it (else cfg.sensitive.words)."""
     rules = rules if rules is not None else _rules_for(cfg.model_dump_json())
     hits: Counter = Counter()
-    cleaned = [_limit(_apply(t if isinstance(t, str) else ("" if t is None else str(t)), rules, hits), cfg, hits)
-               for t in turns]
+    raw = [t if isinstance(t, str) else ("" if t is None else str(t)) for t in turns]
+    cleaned = [_limit(_apply(t, rules, hits), cfg, hits) for t in raw]
     kept = _longest_run(cleaned)
     lost = sum(1 for t in cleaned if t) - len(kept)
     if lost:
@@ -274,13 +277,26 @@ def clean_dialogue(turns: Sequence[str], cfg: CleanConfig, rules: RuleSet | None
     if len(kept) > cfg.max_turns:
         hits["max_turns"] += len(kept) - cfg.max_turns
         kept = kept[-cfg.max_turns:]
+    detail = ""
     if not kept:
         reason = "empty_after_cleaning"
     elif len(kept) < cfg.min_turns:
         reason = "too_few_turns"
     else:
-        reason = ""
-    return kept, reason, hits
+        reason, detail = "", ""
+        matcher = _sensitive_matcher(cfg, words)
+        if matcher:
+            if cfg.sensitive.action == "drop":
+                word = next((w for w in map(matcher.find, kept + ([system] if system else [])) if w), None)
+                if word:
+                    reason, detail = "sensitive_word", word
+            else:
+                masked = [matcher.mask(t, cfg.sensitive.mask_char) for t in kept]
+                hits["sensitive_mask"] += sum(a != b for a, b in zip(masked, kept))
+                kept = masked
+        if not reason:
+            reason, detail = quality_check(raw, kept, cfg)
+    return kept, reason, hits, detail
 
 
 def _longest_run(turns: list[str]) -> list[str]:
@@ -341,19 +357,26 @@ def with_columns(batch: Any, new: dict[str, list], types: dict | None = None) ->
     return out
 
 
-def clean_batch(batch: Any, cfg: CleanConfig) -> Any:
-    """Clean every dialogue of a batch (DIALOGUE_SCHEMA rows); adds `drop_reason` and
-    `rule_hits` (JSON {rule: turns changed or removed}). Rows are never dropped here."""
+def clean_batch(batch: Any, cfg: CleanConfig, words: Sequence[str] | None = None) -> Any:
+    """Clean every dialogue of a batch (DIALOGUE_SCHEMA rows); adds `drop_reason`,
+    `drop_detail` (what a quality rule found) and `rule_hits` (JSON {rule: turns changed or
+    removed}). Rows are never dropped here. `words`: the sensitive-word list (read once by
+    the caller, so workers need not see the file); None reads cfg.sensitive.words."""
     rules = _rules_for(cfg.model_dump_json())
-    turns_out, reasons, hits_out = [], [], []
-    for turns in as_turn_lists(_column(batch, "turns")):
-        kept, reason, hits = clean_dialogue(turns, cfg, rules)
+    has_system = "system" in _columns(batch)
+    systems = ["" if s is None else str(s) for s in _column(batch, "system")] if has_system else None
+    turns_out, reasons, details, hits_out = [], [], [], []
+    for i, turns in enumerate(as_turn_lists(_column(batch, "turns"))):
+        kept, reason, hits, detail = clean_dialogue(turns, cfg, rules, systems[i] if systems else "", words)
         turns_out.append(kept)
         reasons.append(reason)
+        details.append(detail)
         hits_out.append(json.dumps(dict(sorted(hits.items())), ensure_ascii=False))
-    new: dict[str, list] = {"turns": turns_out, "drop_reason": reasons, "rule_hits": hits_out}
-    if "system" in _columns(batch):
-        new["system"] = ["" if s is None else _apply(str(s), rules, None) for s in _column(batch, "system")]
+    new: dict[str, list] = {"turns": turns_out, "drop_reason": reasons, "drop_detail": details, "rule_hits": hits_out}
+    if has_system:
+        matcher = _sensitive_matcher(cfg, words) if cfg.sensitive.action == "mask" else None
+        new["system"] = [matcher.mask(t, cfg.sensitive.mask_char) if matcher else t
+                         for t in (_apply(s, rules, None) if s else "" for s in systems)]
     return with_columns(batch, new)
 
 
@@ -373,87 +396,155 @@ def summarize_hits(rule_hits_column: Iterable) -> dict[str, dict[str, int]]:
     return dict(sorted(out.items()))
 
 
-# -- dedup ----------------------------------------------------------------------------------
-KEY = "_dedup_key"
-DEDUP_MODES = ("exact", "normalized")
+# -- dialogue-level quality rules ----------------------------------------------------------------
+# Run in this order after the text rules; the first that fires is the dialogue's drop_reason
+# and what it found its drop_detail (config clean.quality and clean.sensitive):
+#
+#   sensitive_word  a word of the clean.sensitive.words list (Aho-Corasick, zhchat.wordmatch) in a
+#                   turn or the system prompt; with action "mask" the words are masked instead
+#                   (rule hit "sensitive_mask") and the dialogue stays
+#   ads             ads and spam, on the raw turns (before links and numbers are scrubbed):
+#                   a QQ/微信/VX handle with a number or an id, an ad phrase (quality.ad_words:
+#                   加微信, 代购, 刷单 ...), a link beside a sales cue (购买, 下单, 优惠 ...), or a
+#                   phrase of 4+ characters (2+ different letters) said 3+ times in a row in one
+#                   turn (好消息！好消息！好消息！); the same ad across dialogues is the near-
+#                   duplicate levels' (pipelines/dedup.py), the same turn twice repeated_turns'
+#   not_chinese     Chinese characters under quality.min_chinese_share of the words (each Han
+#                   character is one, a run of other letters is one)
+#   repeated_turns  at least quality.max_repeated_turns of the turns after the first repeat an
+#                   earlier turn (the same normalised text, or character-bigram Jaccard >= 0.8)
+#   length_ratio    the reply and the turn before it differ in length by more than
+#                   quality.max_length_ratio times
+#   generic_reply   the reply (last turn) is only one of quality.generic_replies (punctuation,
+#                   symbols, spaces and case ignored; the entries go through the text rules too)
+#
+# Near-duplicates and replies repeated across many contexts are pipelines/dedup.py's.
+QUALITY_REASONS = ("sensitive_word", "ads", "not_chinese", "repeated_turns", "length_ratio", "generic_reply")
+
+_NORM_DROP = regex.compile(r"[\p{P}\p{S}\p{Z}\p{C}]+")
+_HAN = regex.compile(r"\p{Han}")
+_OTHER_WORD = regex.compile(r"[^\W\d_\p{Han}]+")
+# Contact handles: QQ/微信 spellings, an optional 号/是/:, then a number or a WeChat id.
+_CONTACT = regex.compile(
+    r"(?:qq|扣扣|企鹅|微信|威信|薇信|维信|v信|vx|wx|weixin|wechat|加v|\+v)\s*(?:号码?|号)?\s*(?:是|为)?\s*[:：]?\s*"
+    r"(?:\d[\d\s-]{4,14}\d|[a-z][-_a-z0-9]{5,19})(?![a-z0-9])")
+_SALES_CUE = regex.compile(r"购买|下单|优惠|折扣|领取|点击|戳|抢购|特价|店铺|淘宝|拼多多|京东|旗舰店|链接|进店|入口")
+_REPEATED_PHRASE = regex.compile(r"(\S{4,12}?)\1{2,}")
+_SPACE_RUN = regex.compile(r"\s+")
 
 
-def _normalize(turn: str) -> str:
-    # Drop punctuation (P*), symbols (S*, incl. emoji), separators (Z*) and other (C*).
-    return "".join(ch for ch in unicodedata.normalize("NFKC", turn).casefold()
-                   if unicodedata.category(ch)[0] not in "PSZC")
+def normalize_text(text: str) -> str:
+    """NFKC, case folded, without punctuation, symbols, white space and control characters:
+    the text that the quality rules and pipelines/dedup.py's near-duplicate levels compare."""
+    if not text:
+        return ""
+    return _NORM_DROP.sub("", unicodedata.normalize("NFKC", text).casefold())
 
 
-def dedup_key(turns: Sequence[str], mode: str) -> str:
-    """A short hash of the dialogue's turns ("exact") or of the turns with punctuation,
-    symbols, white space and case removed ("normalized"). Turn boundaries count."""
-    if mode == "exact":
-        parts = list(turns)
-    elif mode == "normalized":
-        parts = [_normalize(t) for t in turns]
-    else:
-        raise ValueError(f"dedup mode must be one of {DEDUP_MODES}, got {mode!r}")
-    return hashlib.blake2b(json.dumps(parts, ensure_ascii=False).encode("utf-8"), digest_size=16).hexdigest()
+@functools.lru_cache(maxsize=16)
+def _matcher_for(words: tuple[str, ...]):
+    from zhchat.wordmatch import WordMatcher
+
+    return WordMatcher(words)
 
 
-def _add_key(batch, mode: str):
-    import pyarrow as pa
+@functools.lru_cache(maxsize=4)
+def _matcher_from_file(path: str, mtime: float):
+    from zhchat.wordmatch import WordMatcher
 
-    keys = [dedup_key(t, mode) for t in as_turn_lists(batch.column("turns").to_pylist())]
-    return batch.append_column(KEY, pa.array(keys, pa.string()))
-
-
-def _mark_duplicates(block):
-    """Rows of one key are all in this block (the shuffle put them there): sort by
-    (key, id, source); the first row of each key is kept, the others point at it."""
-    import numpy as np
-    import pyarrow as pa
-
-    order = [(c, "ascending") for c in (KEY, "id", "source") if c in block.column_names]
-    block = block.sort_by(order)
-    n = block.num_rows
-    keys = block.column(KEY).to_numpy(zero_copy_only=False)
-    ids = block.column("id").to_numpy(zero_copy_only=False)
-    first = np.ones(n, dtype=bool)
-    first[1:] = keys[1:] != keys[:-1]
-    first_row = np.maximum.accumulate(np.where(first, np.arange(n), 0))
-    block = block.append_column("_dup", pa.array(~first, pa.bool_()))
-    return block.append_column("duplicate_of", pa.array(np.where(first, "", ids[first_row]).tolist(), pa.string()))
+    return WordMatcher.from_file(path)
 
 
-def _select(batch, duplicates: bool):
-    import pyarrow.compute as pc
+def _sensitive_matcher(cfg: CleanConfig, words: Sequence[str] | None):
+    if words is not None:
+        return _matcher_for(tuple(words)) if words else None
+    path = cfg.sensitive.words
+    if not path:
+        return None
+    import os
 
-    mask = batch.column("_dup")
-    out = batch.filter(mask if duplicates else pc.invert(mask))
-    drop = [KEY, "_dup"] + ([] if duplicates else ["duplicate_of"])
-    return out.drop_columns(drop)
+    return _matcher_from_file(path, os.path.getmtime(path))
 
 
-def dedup(ds, mode: str, num_partitions: int | None = None):
-    """(kept, duplicates) Ray datasets. Rows are grouped by `dedup_key` with Ray Data's
-    shuffle (spills to disk, so larger than memory works); in each group the lowest id
-    (then source) is kept. Duplicates get a `duplicate_of` column naming the kept id.
+@functools.lru_cache(maxsize=16)
+def _generic_set(entries: tuple[str, ...], cfg_json: str) -> frozenset[str]:
+    rules = _rules_for(cfg_json)
+    return frozenset(filter(None, (normalize_text(_apply(e, rules, None)) for e in entries)))
 
-    The grouped result is materialised once (in the object store, spilling to disk as
-    needed) because both outputs read it; otherwise the shuffle would run twice.
-    mode "none" returns (ds, an empty dataset)."""
-    if mode == "none":
-        return ds, ds.limit(0)
-    if mode not in DEDUP_MODES:
-        raise ValueError(f"dedup mode must be one of {DEDUP_MODES + ('none',)}, got {mode!r}")
-    from ray.data.context import ShuffleStrategy
 
-    keyed = ds.map_batches(_add_key, fn_kwargs={"mode": mode}, batch_format="pyarrow")
-    # What GroupedData.map_groups does, minus its Python call per group (millions of tiny
-    # groups): co-locate each key in one block, then mark duplicates block by block.
-    ctx = keyed.context
-    if ctx.shuffle_strategy in (ShuffleStrategy.SHUFFLE_V2, ShuffleStrategy.HASH_SHUFFLE):
-        shuffled = keyed.repartition(num_partitions or ctx.default_hash_shuffle_parallelism, keys=[KEY], sort=True)
-    else:
-        shuffled = keyed.sort(KEY)
-    tagged = shuffled.map_batches(_mark_duplicates, batch_size=None, batch_format="pyarrow")
-    tagged = tagged.materialize()
-    kept = tagged.map_batches(_select, fn_kwargs={"duplicates": False}, batch_format="pyarrow")
-    dups = tagged.map_batches(_select, fn_kwargs={"duplicates": True}, batch_format="pyarrow")
-    return kept, dups
+def _bigrams(text: str) -> set[str]:
+    return {text[i:i + 2] for i in range(len(text) - 1)} if len(text) > 1 else {text}
+
+
+def _ad_signal(raw: Sequence[str], cfg: CleanConfig) -> str:
+    q = cfg.quality
+    ads = _matcher_for(tuple(q.ad_words)) if q.ad_words else None
+    for t in raw:
+        if not t:
+            continue
+        low = unicodedata.normalize("NFKC", t).casefold()
+        m = _CONTACT.search(low)
+        if m:
+            return f"contact: {m.group(0)}"
+        if ads:
+            w = ads.find(low)
+            if w:
+                return f"ad word: {w}"
+        if _has_url(low) and _SALES_CUE.search(low):
+            return "link with a sales cue"
+        if len(low) >= 12:
+            for m in _REPEATED_PHRASE.finditer(_SPACE_RUN.sub("", low)):
+                if len(set(normalize_text(m.group(1)))) >= 2:  # not laughter (哈哈哈！×3)
+                    return f"repeated: {m.group(1)}"
+    return ""
+
+
+def chinese_share(turns: Sequence[str]) -> float:
+    """Han characters over words (a Han character is one word, a run of other letters one)."""
+    text = "".join(turns)
+    han = len(_HAN.findall(text))
+    total = han + len(_OTHER_WORD.findall(text))
+    return han / total if total else 0.0
+
+
+def repeated_turns(turns: Sequence[str]) -> int:
+    """How many turns after the first repeat an earlier one (same normalised text, or
+    character-bigram Jaccard >= 0.8 for turns of 4+ characters)."""
+    seen: list[tuple[str, set[str]]] = []
+    n = 0
+    for t in turns:
+        key = normalize_text(t) or t
+        grams = _bigrams(key) if len(key) >= 4 else None
+        for k, g in seen:
+            if k == key or (grams is not None and g is not None and len(grams & g) >= 0.8 * len(grams | g)):
+                n += 1
+                break
+        seen.append((key, grams))
+    return n
+
+
+def quality_check(raw: Sequence[str], turns: Sequence[str], cfg: CleanConfig) -> tuple[str, str]:
+    """(reason, detail) of the first quality rule a cleaned dialogue breaks, ("", "") if none.
+    `raw`: its turns before cleaning (the ads rule reads them)."""
+    q = cfg.quality
+    if q.ads:
+        found = _ad_signal(raw, cfg)
+        if found:
+            return "ads", found
+    if q.min_chinese_share is not None and q.min_chinese_share > 0:
+        share = chinese_share(turns)
+        if share < q.min_chinese_share:
+            return "not_chinese", f"{share:.2f}"
+    if q.max_repeated_turns is not None and len(turns) >= 2:
+        n = repeated_turns(turns)
+        if n and n >= q.max_repeated_turns * (len(turns) - 1):
+            return "repeated_turns", f"{n} of {len(turns) - 1}"
+    if q.max_length_ratio is not None and len(turns) >= 2:
+        a, b = len(turns[-2]), len(turns[-1])
+        if max(a, b) > q.max_length_ratio * max(min(a, b), 1):
+            return "length_ratio", f"{a}:{b}"
+    if q.generic_replies:
+        reply = normalize_text(turns[-1])
+        if reply in _generic_set(tuple(q.generic_replies), cfg.model_dump_json()):
+            return "generic_reply", turns[-1]
+    return "", ""

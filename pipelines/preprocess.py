@@ -2,7 +2,10 @@
 
     INPUT/dialogues/*.parquet  (ingest or crawl output, zhchat.tables.DIALOGUE_SCHEMA)
       -> clean_batch -> removed/cleaning/ (with reason)  pipelines/clean.py
-      -> dedup       -> removed/duplicates/ (reason "duplicate", detail = id kept)
+         (text rules, length limits, quality rules, sensitive words; detail = what was found)
+      -> dedup       -> removed/duplicates/ (reason "duplicate", detail = id kept)  pipelines/dedup.py
+      -> near_dedup  -> removed/near_duplicates/ (reason "near_duplicate" or
+                        "generic_reply_cross_context", detail = the id it duplicates)
       -> segment_dataset (jieba words)                  pipelines/segment.py
       -> split_batch -> segmented/{train,validation,test}/*.parquet
       -> tokenizer trained on the train split's words -> tokenizer/ (Hugging Face format)
@@ -40,7 +43,7 @@ REMOVED_SCHEMA = pa.schema([
     ("id", pa.string()), ("source", pa.string()), ("turns", pa.list_(pa.string())), ("system", pa.string()),
     ("reason", pa.string()), ("detail", pa.string()),
 ])
-INTERNAL_COLUMNS = {"drop_reason", "rule_hits", "split"}
+INTERNAL_COLUMNS = {"drop_reason", "drop_detail", "rule_hits", "split"}
 WORDS_BATCH = 4096
 SEGMENT_BLOCK_ROWS = 2048
 
@@ -75,16 +78,22 @@ def rows_where_dropped(batch: pa.Table, dropped: bool) -> pa.Table:
 
 def as_removed(batch: pa.Table, reason: str | None = None) -> pa.Table:
     """Removed rows as written to OUT/removed/: the dialogue (after cleaning), why it was
-    removed, and a detail (the rules that fired, or the id of the copy that was kept)."""
+    removed, and a detail (the id of the dialogue it duplicates; what a quality rule found;
+    else the cleaning rules that fired)."""
     n = batch.num_rows
     if reason is not None:
         reasons = pa.array([reason] * n, pa.string())
+    elif "near_dup_reason" in batch.column_names:
+        reasons = batch.column("near_dup_reason")
     else:
         reasons = batch.column("drop_reason")
     if "duplicate_of" in batch.column_names:
         detail = batch.column("duplicate_of")
     elif "rule_hits" in batch.column_names:
         detail = batch.column("rule_hits")
+        if "drop_detail" in batch.column_names:
+            found = batch.column("drop_detail")
+            detail = pc.if_else(pc.not_equal(found, ""), found, detail)
     else:
         detail = pa.array([""] * n, pa.string())
     return pa.table({
@@ -147,7 +156,8 @@ def run_preprocess(cfg: RunConfig, args: Any = None) -> dict[str, Any]:
 def _run(p: PreprocessConfig, files: list[str], out: str) -> tuple[dict, dict]:
     import ray
 
-    from .clean import clean_batch, dedup
+    from .clean import clean_batch
+    from .dedup import dedup, near_dedup
     from .segment import segment_dataset
     from .split import split_batch
 
@@ -155,8 +165,12 @@ def _run(p: PreprocessConfig, files: list[str], out: str) -> tuple[dict, dict]:
     ds = ray.data.read_parquet(files, columns=list(DIALOGUE_SCHEMA.names))
     say(f"preprocess: read {n_read:,} dialogues; cleaning")
 
+    # The sensitive-word list is read here, once, and handed to the workers with the config.
+    words = _sensitive_words(p.clean)
     # Materialised once: its removed rows, kept rows and statistics are three readers of it.
-    cleaned = ds.map_batches(fill_ids, batch_format="pyarrow").map_batches(clean_batch, fn_kwargs={"cfg": p.clean}, batch_format="pyarrow").materialize()
+    cleaned = (ds.map_batches(fill_ids, batch_format="pyarrow")
+               .map_batches(clean_batch, fn_kwargs={"cfg": p.clean, "words": words}, batch_format="pyarrow")
+               .materialize())
     reasons, hits = _merge_stats(cleaned.map_batches(clean_stats, batch_format="pyarrow").take_all())
     removed_dir = join(out, "removed")
     if sum(reasons.values()):
@@ -165,10 +179,24 @@ def _run(p: PreprocessConfig, files: list[str], out: str) -> tuple[dict, dict]:
     kept = cleaned.map_batches(rows_where_dropped, fn_kwargs={"dropped": False}, batch_format="pyarrow")
 
     say(f"preprocess: dedup ({p.clean.dedup})")
-    kept, duplicates = dedup(kept, p.clean.dedup, num_partitions=_shuffle_partitions(n_read))
+    parts = _shuffle_partitions(n_read)
+    kept, duplicates = dedup(kept, p.clean.dedup, num_partitions=parts)
     dup_dir = join(removed_dir, "duplicates")
     duplicates.map_batches(as_removed, fn_kwargs={"reason": "duplicate"}, batch_format="pyarrow").write_parquet(dup_dir)
     n_dup = _count_rows(list_parquet(dup_dir))
+
+    nd = p.clean.near_dup
+    levels = [name for name, on in (("dialogues", nd.dialogues), ("replies", nd.replies)) if on]
+    say(f"preprocess: near-duplicates ({', '.join(levels) or 'off'}; MinHash {nd.num_perm} permutations, "
+        f"{nd.bands} bands, {nd.ngram}-grams, Jaccard >= {nd.threshold})")
+    near = near_dedup(kept, nd, num_partitions=parts)
+    kept = near.kept
+    near_stats = near.stats()
+    for level, reason in (("dialogues", "near_duplicate"), ("replies", "generic_reply_cross_context")):
+        if near_stats[level].get("removed"):
+            reasons[reason] = near_stats[level]["removed"]
+    if any(near_stats[level].get("removed") for level in ("dialogues", "replies")):
+        near.removed.map_batches(as_removed, batch_format="pyarrow").write_parquet(join(removed_dir, "near_duplicates"))
 
     say("preprocess: segmenting and splitting")
     # The shuffle leaves one block per partition: cut them so every segmenter actor has work.
@@ -203,6 +231,7 @@ def _run(p: PreprocessConfig, files: list[str], out: str) -> tuple[dict, dict]:
         "read": n_read,
         "removed": reasons,
         "dedup_removed": n_dup,
+        "near_dup": near_stats,
         "kept": sum(split_rows.values()),
         "rule_hits": hits,
         "splits": per_split,
@@ -212,6 +241,17 @@ def _run(p: PreprocessConfig, files: list[str], out: str) -> tuple[dict, dict]:
         "pretrained": p.tokenizer.pretrained, "measured_on": measured_on, **tpc,
     }
     return counts, tok_info
+
+
+def _sensitive_words(clean) -> list[str] | None:
+    """The words of clean.sensitive.words (None when off), read on the driver."""
+    if not clean.sensitive.words:
+        return None
+    from zhchat.wordmatch import WordMatcher
+
+    m = WordMatcher.from_file(clean.sensitive.words)
+    say(f"preprocess: {len(m):,} sensitive words from {clean.sensitive.words} ({clean.sensitive.action})")
+    return m.words
 
 
 def _shuffle_partitions(rows: int) -> int:
@@ -297,6 +337,21 @@ def _print_summary(s: dict[str, Any]) -> None:
     if s["dedup_removed"]:
         removed["duplicate"] = s["dedup_removed"]
     summary_table("Removed dialogues", ["reason", "dialogues"], list(removed.items()) or [("(none)", 0)])
+    near = s.get("near_dup") or {}
+    if any(v.get("enabled") for v in near.values()):
+        summary_table("Near-duplicates (MinHash)", ["level", "checked", "kept", "removed"],
+                      [(level, v["checked"], v["kept"], v["removed"]) for level, v in near.items() if v.get("enabled")])
+        from rich.markup import escape
+
+        for level, v in near.items():
+            for c in (v.get("examples") or [])[:1]:
+                if level == "dialogues":
+                    say(escape(f"  e.g. kept {c['kept']['id']} {' / '.join(c['kept']['turns'])[:60]!r}; removed "
+                               + "; ".join(f"{r['id']} ({r['similarity']}) {' / '.join(r['turns'])[:60]!r}"
+                                           for r in c["removed"][:2])))
+                else:
+                    say(escape(f"  e.g. the reply {c['reply'][:40]!r} after {c['contexts']} different contexts; "
+                               "removed " + ", ".join(r["id"] for r in c["removed"][:3])))
     summary_table("Splits", ["split", "dialogues", "sequences", "tokens", "loss tokens"],
                   [(k, v["dialogues"], v["sequences"], v["tokens"], v["loss_tokens"]) for k, v in s["splits"].items()])
     t = s["tokenizer"]

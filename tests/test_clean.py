@@ -1,4 +1,5 @@
-"""Cleaning rules one by one (with counter-examples), rule_hits, batches, and dedup on Ray."""
+"""Cleaning rules one by one (with counter-examples), rule_hits, batches, the quality and
+sensitive-word rules, and cleaning on Ray Data. Dedup is tests/test_dedup.py's."""
 
 from __future__ import annotations
 
@@ -10,12 +11,17 @@ import pyarrow as pa
 import pytest
 
 from pipelines.clean import (
-    clean_batch, clean_text, dedup, dedup_key, id_card_valid, luhn_valid, summarize_hits,
+    QUALITY_REASONS, chinese_share, clean_batch, clean_dialogue, clean_text, id_card_valid, luhn_valid,
+    repeated_turns, summarize_hits,
 )
 from zhchat.config import CleanConfig
 from zhchat.tables import DIALOGUE_SCHEMA, dialogue_row
 
 CFG = CleanConfig()
+# Every dialogue-level quality rule off: the tests of the text and length rules use tiny
+# dialogues ("a", "好") that those rules would remove.
+QUALITY_OFF = {"generic_replies": [], "ads": False, "min_chinese_share": None, "max_repeated_turns": None,
+               "max_length_ratio": None}
 
 
 def clean(text: str, **overrides) -> tuple[str, dict]:
@@ -194,7 +200,7 @@ def batch_of(dialogues: list[list[str]], system: str = "") -> dict:
 
 
 def test_clean_batch_hits_and_drop_reasons():
-    cfg = CleanConfig(max_turns=3, min_turns=2, max_turn_chars=10)
+    cfg = CleanConfig(max_turns=3, min_turns=2, max_turn_chars=10, quality=QUALITY_OFF)
     batch = batch_of([
         ["看 http://a.cn 哦", "好 的", "http://b.cn", "呵呵", "@某人"],  # url x2, gap, empty ones
         ["一二三四五六七八九十十一", "好"],                             # too long
@@ -224,10 +230,11 @@ def test_clean_batch_numpy_and_pyarrow_batches():
     plain = batch_of(dialogues)
     numpy_batch = {k: np.array(v, dtype=object) for k, v in plain.items()}
     numpy_batch["turns"] = np.array([np.array(t, dtype=object) for t in dialogues], dtype=object)
-    out = clean_batch(numpy_batch, CFG)
+    cfg = CleanConfig(quality=QUALITY_OFF)
+    out = clean_batch(numpy_batch, cfg)
     assert out["turns"] == expected and all(type(t) is list for t in out["turns"])
     table = pa.Table.from_pydict(plain, schema=DIALOGUE_SCHEMA)
-    out = clean_batch(table, CFG)
+    out = clean_batch(table, cfg)
     assert isinstance(out, pa.Table)
     assert out.schema.field("turns").type == pa.list_(pa.string())
     assert out.column("turns").to_pylist() == expected
@@ -240,65 +247,175 @@ def test_system_prompt_is_cleaned_but_not_counted():
     assert out["rule_hits"] == ["{}"]
 
 
-# -- dedup ------------------------------------------------------------------------------------
-def test_dedup_key_modes():
-    a, b = ["你好！", "今天 天气 好"], ["你好", "今天天气好。"]
-    assert dedup_key(a, "exact") != dedup_key(b, "exact")
-    assert dedup_key(a, "normalized") == dedup_key(b, "normalized")
-    assert dedup_key(["Hello"], "normalized") == dedup_key(["hello!"], "normalized")
-    # turn boundaries count
-    assert dedup_key(["你好", "好"], "normalized") != dedup_key(["你", "好好"], "normalized")
-    with pytest.raises(ValueError, match="dedup mode"):
-        dedup_key(a, "fuzzy")
 
 
-def test_dedup_on_ray(ray_cluster):
+# -- dialogue-level quality rules ------------------------------------------------------------------
+def verdict(turns: list[str], **overrides) -> tuple[str, str]:
+    """(drop_reason, drop_detail) of one dialogue under the default config plus overrides."""
+    cfg = CleanConfig(**overrides) if overrides else CFG
+    _, reason, _, detail = clean_dialogue(turns, cfg)
+    return reason, detail
+
+
+def test_every_quality_rule_is_on_by_default():
+    q = CFG.quality
+    assert q.generic_replies and q.ads and q.ad_words
+    assert q.min_chinese_share and q.max_repeated_turns and q.max_length_ratio
+    assert CFG.sensitive.words is None  # no list shipped: off until one is given
+    assert set(QUALITY_REASONS) == {"sensitive_word", "ads", "not_chinese", "repeated_turns", "length_ratio",
+                                    "generic_reply"}
+
+
+@pytest.mark.parametrize("turns, detail", [
+    (["今天去哪儿玩？", "好的！"], "好的！"),
+    (["我到家了", "哈哈哈哈哈哈"], "哈哈"),           # the text rules run first: 哈哈哈哈哈哈 -> 哈哈
+    (["你看这个", "嗯嗯嗯嗯"], "嗯"),
+    (["晚上吃什么", "OK"], "OK"),                    # case ignored
+])
+def test_generic_reply(turns, detail):
+    assert verdict(turns) == ("generic_reply", detail)
+
+
+def test_generic_reply_counter_examples_and_settings():
+    assert verdict(["今天去哪儿玩？", "好的，明天见"]) == ("", "")   # more than the generic word
+    assert verdict(["好的", "那我们明天见吧"]) == ("", "")          # only the reply counts
+    assert verdict(["今天去哪儿玩？", "好的！"], quality={"generic_replies": []}) == ("", "")
+    assert verdict(["今天去哪儿玩？", "走起"], quality={"generic_replies": ["走起"]})[0] == "generic_reply"
+    # an entry is cleaned as the text is: 呵呵呵 in the list still matches a reply cleaned to 笑
+    assert verdict(["你说呢", "呵呵呵"], quality={"generic_replies": ["呵呵呵"]})[0] == "generic_reply"
+
+
+@pytest.mark.parametrize("turns, found", [
+    (["你好", "加我微信abc_12345，有惊喜"], "contact"),
+    (["有问题吗", "我的ＱＱ号是１２３４５６７８"], "contact"),   # full-width: NFKC first
+    (["在吗", "VX: 13912345678 咨询"], "contact"),
+    (["这个多少钱", "想要的加微信聊"], "ad word: 加微信"),
+    (["你那件外套哪里买的", "找的代购，正品"], "ad word: 代购"),
+    (["新款上市", "点这里 http://t.cn/abc 下单立减"], "link with a sales cue"),
+    (["大家看过来", "好消息！好消息！好消息！全场五折"], "repeated: 好消息!"),
+])
+def test_ads_and_spam(turns, found):
+    reason, detail = verdict(turns)
+    assert reason == "ads" and detail.startswith(found), detail
+
+
+@pytest.mark.parametrize("turns", [
+    ["你用微信吗", "用啊，微信聊吧"],                     # talking about WeChat is not an ad
+    ["我在淘宝买的", "质量怎么样？"],
+    ["看这个 http://example.com/cat", "好可爱的猫"],      # a link without a sales cue
+    ["我爱你我爱你我爱你", "我也爱你"],                    # repeated, but 3 characters
+    ["哈哈哈！哈哈哈！哈哈哈！", "笑死我了"],               # laughter is not promotion
+    ["我的QQ昵称叫小王", "好听"],
+])
+def test_ads_counter_examples(turns):
+    assert verdict(turns) == ("", "")
+
+
+def test_ads_setting():
+    turns = ["这个多少钱", "想要的加微信聊"]
+    assert verdict(turns, quality={"ads": False}) == ("", "")
+    assert verdict(["这个多少钱", "欢迎光临小店"], quality={"ad_words": ["光临小店"]})[0] == "ads"
+
+
+def test_not_chinese():
+    assert verdict(["How are you doing today?", "Fine, thanks."]) == ("not_chinese", "0.00")
+    assert verdict(["123", "456"])[0] == "not_chinese"                  # no words at all
+    # a Latin word counts as one word: this is mostly Chinese
+    assert verdict(["我的iPhone屏幕碎了", "去Apple Store换一个吧"]) == ("", "")
+    assert chinese_share(["我的iPhone屏幕碎了"]) == pytest.approx(6 / 7)   # 6 Han, 1 Latin word
+    assert verdict(["How are you doing today?", "Fine, thanks."], quality={"min_chinese_share": None}) == ("", "")
+    assert verdict(["我们说English吧", "ok fine sure thing"], quality={"min_chinese_share": 0.9})[0] == "not_chinese"
+
+
+def test_repeated_turns():
+    assert verdict(["你好", "你好"]) == ("repeated_turns", "1 of 1")
+    assert verdict(["在吗", "在", "在吗？", "在"])[0] == "repeated_turns"     # A B A B: 2 of 3
+    assert verdict(["今天天气真好我们出去走走吧", "今天天气真好我们出去走走啊"])[0] == "repeated_turns"  # bigrams 11/13
+    assert verdict(["你好", "你好，好久不见", "是啊，最近忙什么呢", "在准备考试"]) == ("", "")
+    assert repeated_turns(["a", "b", "a", "c", "b"]) == 2
+    assert verdict(["你好", "你好"], quality={"max_repeated_turns": None}) == ("", "")
+    assert verdict(["在吗", "在", "在吗？", "在"], quality={"max_repeated_turns": 1.0}) == ("", "")
+
+
+def test_length_ratio():
+    long_post = "今天下班的时候在地铁站门口看到一只小猫，冻得瑟瑟发抖，我给它买了根火腿肠，它吃完就跟着我走了一路"
+    assert verdict([long_post, "哦"]) == ("length_ratio", f"{len(long_post)}:1")
+    assert verdict(["？", long_post])[0] == "length_ratio"               # either way round
+    assert verdict([long_post, "然后呢？你把它带回家了吗"]) == ("", "")
+    assert verdict([long_post, "哦"], quality={"max_length_ratio": None, "generic_replies": []}) == ("", "")
+    assert verdict(["只有一个回合的一段长文字"]) == ("", "")          # no reply pair: not checked
+
+
+def test_quality_rules_counted_in_batches():
+    batch = batch_of([
+        ["今天去哪儿玩？", "好的！"], ["加我微信abc12345", "好"], ["Hello there", "Hi!"], ["你好", "你好"],
+        ["周末一起去爬山吧", "好啊，几点出发？"],
+    ])
+    out = clean_batch(batch, CFG)
+    assert out["drop_reason"] == ["generic_reply", "ads", "not_chinese", "repeated_turns", ""]
+    assert out["drop_detail"][0] == "好的！" and out["drop_detail"][4] == ""
+    from pipelines.preprocess import as_removed, clean_stats
+
+    table = pa.Table.from_pydict(out)
+    assert json.loads(clean_stats(table)["reasons"][0]) == {"generic_reply": 1, "ads": 1, "not_chinese": 1,
+                                                           "repeated_turns": 1}
+    removed = as_removed(table.filter(pa.compute.not_equal(table.column("drop_reason"), "")))
+    assert removed.column("detail").to_pylist()[:2] == ["好的！", "contact: 微信abc12345"]
+
+
+# -- sensitive words ----------------------------------------------------------------------------------
+@pytest.fixture()
+def word_file(tmp_path):
+    path = tmp_path / "words.txt"
+    path.write_text("# a comment\n坏词\nBadWord\n\nre:ignored.*pattern\n", encoding="utf-8")
+    return str(path)
+
+
+def test_sensitive_words_drop(word_file):
+    cfg = CleanConfig(sensitive={"words": word_file})
+    assert verdict(["你说的是坏词吗", "不是"], sensitive={"words": word_file}) == ("sensitive_word", "坏词")
+    # full-width and upper case are the same word
+    assert verdict(["ＢＡＤＷＯＲＤ这样写", "哦是吗那怎么办"], sensitive={"words": word_file}) == ("sensitive_word", "BadWord")
+    assert verdict(["你说的是好词吗", "不是"], sensitive={"words": word_file}) == ("", "")
+    out = clean_batch(batch_of([["你好啊朋友", "我很好呀"]], system="别说坏词"), cfg)
+    assert out["drop_reason"] == ["sensitive_word"]                  # the system prompt counts too
+    # the words handed over by the caller (as preprocess does) win over the file
+    out = clean_batch(batch_of([["你说的是坏词吗", "不是"]]), cfg, words=["别的"])
+    assert out["drop_reason"] == [""]
+
+
+def test_sensitive_words_mask(word_file):
+    cfg = CleanConfig(sensitive={"words": word_file, "action": "mask"})
+    out = clean_batch(batch_of([["你说的是坏词吗", "ｂａｄｗｏｒｄ也不行"]], system="别说坏词"), cfg)
+    assert out["drop_reason"] == [""]
+    assert out["turns"] == [["你说的是**吗", "*******也不行"]]           # NFKC made it badword: 7 letters
+    assert out["system"] == ["别说**"]
+    assert json.loads(out["rule_hits"][0])["sensitive_mask"] == 2
+    cfg = CleanConfig(sensitive={"words": word_file, "action": "mask", "mask_char": "□"})
+    assert clean_batch(batch_of([["坏词坏词", "好词吗"]]), cfg)["turns"] == [["□□□□", "好词吗"]]
+
+
+def test_sensitive_words_file_must_exist(tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="sensitive word list does not exist"):
+        CleanConfig(sensitive={"words": str(tmp_path / "nope.txt")})
+
+
+def test_quality_and_sensitive_rules_on_ray(ray_cluster, word_file):
+    """clean_batch as preprocess runs it: Ray Data workers, the word list handed over."""
     import ray
 
-    rows = [
-        dialogue_row(["你好！", "你好呀"], "a"),
-        dialogue_row(["你好！", "你好呀"], "b"),     # exact duplicate (same id)
-        dialogue_row(["你好", "你好呀。"], "c"),      # duplicate only when normalised
-        dialogue_row(["Hi", "HELLO"], "d"),
-        dialogue_row(["hi", "hello"], "e"),
-        dialogue_row(["别的", "对话"], "f"),
-    ]
-    table = pa.Table.from_pylist(rows, schema=DIALOGUE_SCHEMA)
-    ds = ray.data.from_arrow(table).repartition(3)
+    from zhchat.wordmatch import WordMatcher
 
-    # Ray's default shuffle (hash, SHUFFLE_V2)
-    kept, dups = dedup(ds, "exact", num_partitions=4)
-    kept_rows = kept.take_all()
-    assert len(kept_rows) == 5 and {r["source"] for r in kept_rows} == {"a", "c", "d", "e", "f"}
-    assert [r["source"] for r in dups.take_all()] == ["b"]
-    assert set(kept.schema().names) == set(DIALOGUE_SCHEMA.names)
-
-    # the sort-based shuffle, chosen through this dataset's own DataContext
-    from ray.data.context import ShuffleStrategy
-
-    ds_sorted = ray.data.from_arrow(table).repartition(3)
-    assert ds_sorted.context is not ray.data.DataContext.get_current()
-    ds_sorted.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    kept, dups = dedup(ds_sorted, "normalized")
-    kept_ids = sorted(r["id"] for r in kept.take_all())
-    dup_rows = dups.take_all()
-    assert len(kept_ids) == 3 and len(dup_rows) == 3
-    by_key = {}
-    for r in rows:
-        by_key.setdefault(dedup_key(r["turns"], "normalized"), []).append(r["id"])
-    assert kept_ids == sorted(min(v) for v in by_key.values())   # the lowest id per key is kept
-    for r in dup_rows:
-        assert r["duplicate_of"] in kept_ids and r["duplicate_of"] <= r["id"]
-
-    kept, dups = dedup(ds, "none")
-    assert kept.count() == 6 and dups.count() == 0
-
-
-def test_mark_duplicates_block_without_ray():
-    from pipelines.clean import KEY, _mark_duplicates
-
-    block = pa.table({KEY: ["k2", "k1", "k2", "k1", "k3"], "id": ["b", "z", "a", "y", "c"],
-                      "source": ["s", "s", "s", "s", "s"]})
-    out = _mark_duplicates(block).to_pylist()
-    assert [(r["id"], r["_dup"], r["duplicate_of"]) for r in out] == [
-        ("y", False, ""), ("z", True, "y"), ("a", False, ""), ("b", True, "a"), ("c", False, "")]
+    rows = [dialogue_row(d, "t") for d in (
+        ["你说的是坏词吗", "不是"], ["今天去哪儿玩？", "好的"], ["周末一起去爬山吧", "好啊，几点出发？"],
+        ["加我微信abc12345", "好的呀"], ["Where are you?", "At home."],
+    )]
+    ds = ray.data.from_arrow(pa.Table.from_pylist(rows, schema=DIALOGUE_SCHEMA)).repartition(2)
+    words = WordMatcher.from_file(word_file).words
+    out = ds.map_batches(clean_batch, fn_kwargs={"cfg": CleanConfig(), "words": words}, batch_format="pyarrow")
+    got = {r["id"]: (r["drop_reason"], r["drop_detail"]) for r in out.take_all()}
+    assert [got[r["id"]] for r in rows] == [
+        ("sensitive_word", "坏词"), ("generic_reply", "好的"), ("", ""), ("ads", "contact: 微信abc12345"),
+        ("not_chinese", "0.00")]

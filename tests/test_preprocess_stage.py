@@ -97,7 +97,17 @@ def _ingest_like_rows() -> list[dict]:
     ]
     rows += [dialogue_row(["完全一样的对话", "是的完全一样"], f"dup{i}") for i in range(1)]
     rows += [{**dialogue_row(["完全一样的对话", "是的完全一样"], "dup-copy"), "id": "zz-copy"}]
+    # a repost with two characters changed (near_duplicate), and quality rules
+    rows += [dialogue_row(NEAR_ORIGINAL, "near"), dialogue_row(NEAR_EDITED, "near")]
+    rows += [dialogue_row(["这双鞋哪里买的？", "找的代购，要的加微信"], "ads"),
+             dialogue_row(["我们晚上去看电影吧", "好的！"], "generic")]
     return rows
+
+
+NEAR_ORIGINAL = ["周六上午我们去植物园看郁金香展览怎么样", "好主意，听说今年新引进了二十多个品种",
+                 "那我们九点在地铁站出口碰头"]
+NEAR_EDITED = ["周六上午我们去植物园看郁金香展览如何", "好主意，听说今年新引进了二十多个品种",
+               "那我们九点在地铁站出口见面"]
 
 
 @pytest.mark.slow  # three full runs of the stage: ~1-5 min here depending on the load
@@ -129,8 +139,25 @@ def test_preprocess_end_to_end(ray_cluster, tmp_path, capsys):
 
     removed = pq.read_table(out / "removed")
     reasons = set(removed.column("reason").to_pylist())
-    assert {"empty_after_cleaning", "duplicate"} <= reasons
+    assert {"empty_after_cleaning", "duplicate", "near_duplicate", "generic_reply_cross_context", "ads",
+            "generic_reply"} <= reasons
     assert removed.num_rows == sum(c["removed"].values()) + c["dedup_removed"]
+    # near-duplicates: counts per level in the manifest, the quarantine names the dialogue duplicated
+    nd = c["near_dup"]
+    assert nd["dialogues"]["removed"] == c["removed"]["near_duplicate"] > 0
+    assert nd["replies"]["removed"] == c["removed"]["generic_reply_cross_context"] > 0
+    assert nd["dialogues"]["kept"] + nd["dialogues"]["removed"] == nd["dialogues"]["checked"]
+    assert nd["dialogues"]["examples"] and nd["replies"]["examples"]
+    by_id = {r["id"]: r for r in removed.to_pylist()}
+    input_ids = {r["id"] for r in rows}
+    for r in by_id.values():
+        if r["reason"] in ("near_duplicate", "generic_reply_cross_context"):
+            assert r["detail"] in input_ids and r["detail"] != r["id"]
+    near = [dialogue_row(NEAR_ORIGINAL, "near")["id"], dialogue_row(NEAR_EDITED, "near")["id"]]
+    gone = [i for i in near if i in by_id]
+    assert len(gone) == 1 and by_id[gone[0]]["reason"] == "near_duplicate"
+    assert by_id[gone[0]]["detail"] == next(i for i in near if i != gone[0])
+    assert by_id[dialogue_row(["这双鞋哪里买的？", "找的代购，要的加微信"], "ads")["id"]]["detail"] == "ad word: 代购"
 
     for split in ("train", "validation", "test"):
         files = list((out / "segmented" / split).glob("*.parquet"))

@@ -64,6 +64,83 @@ DEFAULT_RULES: list[tuple[str, str]] = [
 ]
 
 
+# Replies that say nothing on their own. Matched against the whole last turn after the text
+# rules (so 哈哈哈哈 has become 哈哈 and 呵呵 笑) with punctuation, symbols, spaces and case
+# ignored: "好的！" matches 好的, "好的，明天见" does not. The entries go through the same text
+# rules first, so an entry written as 嗯嗯嗯 still matches.
+DEFAULT_GENERIC_REPLIES: list[str] = [
+    "哈哈", "哈", "嘿嘿", "嘻嘻", "笑", "呵呵", "嗯", "嗯嗯", "恩", "恩恩", "嗯呢", "哦", "哦哦", "噢", "喔",
+    "啊", "呃", "额", "好", "好的", "好滴", "好吧", "好啊", "行", "可以", "是", "是的", "是啊", "对", "对啊",
+    "对的", "ok", "okay", "收到", "知道了", "晕", "顶", "赞", "666", "233", "嗯好", "哈哈哈",
+]
+# Phrases of advertising and spam (matched after NFKC and case folding, on the raw turns
+# before links and numbers are scrubbed); contact handles (QQ/微信/VX + a number or an id)
+# and links next to a sales cue are recognised by pattern as well.
+DEFAULT_AD_WORDS: list[str] = [
+    "加微信", "加我微信", "添加微信", "微信同号", "加v信", "加vx", "加wx", "加qq", "加扣扣", "代购", "刷单",
+    "兼职日结", "日赚", "招代理", "诚招代理", "免费领取", "私信领取", "扫码领", "扫码关注", "点击链接", "戳链接",
+    "限时抢购", "秒杀价",
+]
+
+
+class QualityConfig(Section):
+    """Dialogue-level quality rules (pipelines/clean.py). A dialogue that breaks one is removed
+    and counted under the rule's name; each rule has a value that turns it off."""
+
+    generic_replies: list[str] = Field(default_factory=lambda: list(DEFAULT_GENERIC_REPLIES),
+                                       description="Dialogues whose reply is only one of these are removed ([]: off)")
+    ads: bool = Field(True, description="Remove dialogues with ads or spam: contact handles, ad phrases, sales links")
+    ad_words: list[str] = Field(default_factory=lambda: list(DEFAULT_AD_WORDS),
+                                description="Ad and spam phrases for the ads rule")
+    min_chinese_share: float | None = Field(0.5, ge=0, le=1, description="Remove dialogues where Chinese characters "
+                                            "are less than this share of the words (a run of other letters is one word); None: off")
+    max_repeated_turns: float | None = Field(0.5, gt=0, le=1, description="Remove dialogues where at least this share of "
+                                             "the turns after the first repeat an earlier turn; None: off")
+    max_length_ratio: float | None = Field(20.0, gt=1, description="Remove dialogues whose reply and the turn before "
+                                           "it differ in length by more than this factor; None: off")
+
+
+class SensitiveConfig(Section):
+    """A user word list matched with Aho-Corasick after NFKC and case folding (zhchat.wordmatch)."""
+
+    words: str | None = Field(None, description="Word list file: one word per line, # comments (None: off)")
+    action: Literal["drop", "mask"] = Field("drop", description="drop: remove the dialogue (quarantined with the "
+                                            "word); mask: replace each match with mask_char")
+    mask_char: str = Field("*", min_length=1, max_length=1)
+
+    @field_validator("words")
+    @classmethod
+    def _words_exist(cls, v: str | None) -> str | None:
+        return None if v is None else existing_path(v, "sensitive word list")
+
+
+class NearDupConfig(Section):
+    """MinHash near-duplicate removal (pipelines/dedup.py) over character n-grams of the
+    normalised text (NFKC, case folded, punctuation, symbols and spaces dropped), with LSH
+    banding: `bands` bands of num_perm // bands rows. Candidates that share a band are
+    checked with their exact n-gram Jaccard similarity against `threshold`."""
+
+    dialogues: bool = Field(True, description="Level 1: remove dialogues that near-duplicate another one")
+    replies: bool = Field(True, description="Level 2: remove dialogues whose reply near-duplicates replies "
+                          "seen after more than reply_contexts distinct contexts")
+    threshold: float = Field(0.7, gt=0, le=1, description="Jaccard similarity of the n-gram sets at or above "
+                             "which two texts are near-duplicates")
+    ngram: int = Field(3, ge=1, le=16, description="Character n-gram size (shorter turns are one n-gram)")
+    num_perm: int = Field(64, ge=8, le=1024, description="MinHash permutations")
+    bands: int = Field(16, ge=1, description="LSH bands; rows per band = num_perm // bands")
+    reply_contexts: int = Field(10, ge=1, description="K: a reply whose near-duplicates follow more than K "
+                                "distinct contexts (the turn before it) is generic")
+    reply_turns: Literal["last", "all"] = Field("last", description="Which turns count as replies for level 2: "
+                                                "the last one, or every turn after the first")
+    examples: int = Field(3, ge=0, le=50, description="Example clusters per level in the report")
+
+    @model_validator(mode="after")
+    def _bands_fit(self):
+        if self.bands > self.num_perm:
+            raise ValueError(f"bands ({self.bands}) cannot exceed num_perm ({self.num_perm})")
+        return self
+
+
 class CleanConfig(Section):
     nfkc: bool = True
     undo_spacing: bool = Field(True, description="Join LCCC/Douban per-character or per-word spacing between CJK")
@@ -80,6 +157,9 @@ class CleanConfig(Section):
     min_turns: int = Field(1, ge=1, description="Dialogues with fewer turns after cleaning are removed")
     max_turns: int = Field(32, ge=1, description="Longer dialogues keep their last max_turns turns")
     dedup: Literal["none", "exact", "normalized"] = "normalized"
+    near_dup: NearDupConfig = Field(default_factory=NearDupConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    sensitive: SensitiveConfig = Field(default_factory=SensitiveConfig)
 
     @field_validator("rules")
     @classmethod
