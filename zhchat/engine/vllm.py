@@ -33,15 +33,15 @@ import itertools
 import json
 import os
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..dialogue import SPECIAL_TOKENS, DialogueFormat
-from ..generation import (  # TODO(E1 split): zhchat.engine.{base,params,types}
-    FINISH_LENGTH, FINISH_STOP, Delta, EngineClient, EngineError, PromptTooLong, SamplingParams, _Detokenizer,
-)
-from . import vllm_logits
+from .base import EngineClient
+from .detokenizer import TokenTexts
+from .params import SamplingParams
+from .reply import Reply
+from .types import FINISH_LENGTH, Delta, EngineError, PromptTooLong
 
 __all__ = ["VLLMEngine", "vllm_available"]
 
@@ -58,30 +58,21 @@ def vllm_available() -> bool:
 
 @dataclass(eq=False)
 class _Stream:
-    """One request: its prompt and parameters, and the reply as the zhchat Engine builds it."""
+    """One request: its prompt, its sink and the reply as zhchat builds it (reply.Reply)."""
 
     prompt: list[int]
     params: SamplingParams
     sink: Callable[[Delta], None]
-    detok: _Detokenizer
+    reply: Reply
     rid: str
-    out: list[int] = field(default_factory=list)
-    text: str = ""       # stable text so far (after stop-string truncation)
-    emitted: int = 0     # characters of `text` already sent
-    started: bool = False
-    cancelled: bool = False
-    done: bool = False
+    started: bool = False    # vLLM prefilled it (its first token came back)
+    cancelled: bool = False  # cancel() was called (from any thread)
+    finished: bool = False   # its last Delta (or error) went out, or it was cancelled first
     task: asyncio.Task | None = None
 
-    def holdback(self) -> int:
-        """Characters at the end of `text` that could be the start of a stop string."""
-        best = 0
-        for s in self.params.stop:
-            for k in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
+    @property
+    def done(self) -> bool:
+        return self.finished
 
 
 @contextlib.contextmanager
@@ -144,6 +135,8 @@ class VLLMEngine(EngineClient):
         # the model skipped <|end|>); embedding rows beyond the tokenizer are never sampled.
         self.stop_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         self.never_ids = list(range(len(self.tokenizer), self.vocab_size))
+        self._texts = TokenTexts(self.tokenizer)
+        self._open: set[_Stream] = set()  # requests the loop thread is serving
         self.error: str | None = None
         self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cancelled": 0}
         self._closed = False
@@ -160,7 +153,9 @@ class VLLMEngine(EngineClient):
             model=local, dtype=self.dtype, max_model_len=self.context_length, max_num_seqs=max_batch_size,
             skip_tokenizer_init=True,  # zhchat tokenizes and detokenizes
             disable_log_stats=True, enable_log_requests=False, seed=0,
-            logits_processors=[vllm_logits.FQCN],
+            # zhchat's logits controls (vllm_logits.py), by import path: vLLM's model runner
+            # process imports it there.
+            logits_processors=["zhchat.engine.vllm_logits:ZhchatLogitsProcessor"],
         )
         if self.device.startswith("cuda"):
             if gpu_memory_utilization is not None:
@@ -199,12 +194,9 @@ class VLLMEngine(EngineClient):
     def _warm_up(self) -> None:
         """One request of each kind vLLM compiles something for on first use (logprobs'
         rank count is a torch.compile'd function: 2.7 s on the first request here)."""
-        import dataclasses
-
         prompt = [self.fmt.eos_id] + self.fmt.encode_text("你好")
-        lp = {"logprobs": 1} if "logprobs" in {f.name for f in dataclasses.fields(SamplingParams)} else {}
-        kinds = [SamplingParams(max_tokens=2, temperature=0, **lp),
-                 SamplingParams(max_tokens=2, temperature=1.0, top_k=5, top_p=0.9, seed=0, **lp)]
+        kinds = [SamplingParams(max_tokens=2, temperature=0, logprobs=1),
+                 SamplingParams(max_tokens=2, temperature=1.0, top_k=5, top_p=0.9, seed=0, logprobs=1)]
         self.generate([prompt] * len(kinds), kinds)
         self.stats = {k: 0 for k in self.stats}
 
@@ -212,23 +204,25 @@ class VLLMEngine(EngineClient):
     def submit(self, prompt: list[int], params: SamplingParams, sink: Callable[[Delta], None]) -> _Stream:
         if len(prompt) + 1 > self.context_length:
             raise PromptTooLong(f"the prompt is {len(prompt)} tokens; the context is {self.context_length}")
+        self.check_logit_bias(params)
         if self._closed:
             raise EngineError("engine is closed")
         if self.error:
             raise EngineError(self.error)
-        h = _Stream(list(prompt), params, sink, _Detokenizer(self.tokenizer), f"zhchat-{next(_ids)}")
+        reply = Reply(self.tokenizer, params, len(prompt), self.stop_ids, self.context_length, self._texts)
+        h = _Stream(list(prompt), params, sink, reply, f"zhchat-{next(_ids)}")
         self._loop.call_soon_threadsafe(self._begin, h)
         return h
 
     def cancel(self, h: _Stream) -> None:
-        if h.done or h.cancelled:
+        if h.finished or h.cancelled:
             return
-        h.cancelled = True
+        h.cancelled = True  # the loop thread sends nothing more from now on
         if not self._closed:
             self._loop.call_soon_threadsafe(self._cancel, h)
 
     def info(self) -> dict:
-        return {"engine": "vllm", "vllm_version": self.vllm_version, "device": self.device, "dtype": self.dtype,
+        return {"engine": "vllm", "vllm_version": self.vllm_version, "device": str(self.device), "dtype": self.dtype,
                 "context_length": self.context_length, "vocab_size": self.vocab_size,
                 "max_batch_size": self.max_batch_size, "error": self.error, "stats": dict(self.stats)}
 
@@ -236,20 +230,21 @@ class VLLMEngine(EngineClient):
         if self._closed:
             return
         self._closed = True
-        if self._llm is not None:
-            llm, self._llm = self._llm, None
-            try:
-                asyncio.run_coroutine_threadsafe(self._shutdown(llm), self._loop).result(timeout=60)
-            except Exception:
-                pass
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=60)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._thread is not threading.current_thread():
+                self._thread.join(timeout=10)
 
-    async def _shutdown(self, llm) -> None:
-        for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
-            task.cancel()
-        llm.shutdown()
+    async def _shutdown(self) -> None:
+        for h in list(self._open):
+            if h.task is not None:
+                h.task.cancel()
+            self._fail(h, "engine closed")
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
 
     def __del__(self):  # an engine dropped without close() must not leave vLLM's processes
         try:
@@ -260,35 +255,50 @@ class VLLMEngine(EngineClient):
 
     # -- the loop thread -------------------------------------------------------------------------
     def _begin(self, h: _Stream) -> None:
-        if not h.cancelled:
-            h.task = self._loop.create_task(self._serve(h))
+        if h.cancelled:
+            self._cancel(h)
+            return
+        self._open.add(h)
+        h.task = self._loop.create_task(self._serve(h))
 
     def _cancel(self, h: _Stream) -> None:
-        if h.task is not None and not h.done:
-            h.task.cancel()
-        elif not h.done:
-            h.done = True
-            self.stats["cancelled"] += 1
+        if h.finished:  # it ended before the cancel arrived
+            return
+        h.finished = True
+        self.stats["cancelled"] += 1
+        self._open.discard(h)
+        if h.task is not None:
+            h.task.cancel()  # vLLM's generate() aborts the request on CancelledError
 
     def _vllm_params(self, p: SamplingParams, prompt_len: int):
         from vllm import SamplingParams as VParams
         from vllm.sampling_params import RequestOutputKind
 
+        from . import vllm_logits
+
         top_k = p.top_k if 0 < p.top_k < self.vocab_size else 0
         return VParams(
             n=1, temperature=p.temperature, top_p=p.top_p, top_k=top_k, seed=p.seed,
+            # vLLM stops at its max_model_len itself; the reply's own limits are Reply's.
             max_tokens=max(1, min(p.max_tokens, self.context_length - prompt_len)),
             stop_token_ids=sorted(self.stop_ids), detokenize=False, output_kind=RequestOutputKind.DELTA,
-            logprobs=getattr(p, "logprobs", None),
+            logprobs=p.logprobs,
             extra_args=vllm_logits.request_args(
                 p.repetition_penalty, p.presence_penalty, p.frequency_penalty, p.no_repeat_ngram_size,
-                getattr(p, "logit_bias", None), self.never_ids),
+                p.logit_bias, self.never_ids),
         )
+
+    def _logprob(self, h: _Stream, token: int, entries: dict):
+        """vLLM's logprobs of one position ({id: Logprob(logprob, rank)}: the sampled token
+        and the k best, raw) as zhchat's TokenLogprob."""
+        k = h.params.logprobs
+        top = sorted(((lp.rank, i, lp.logprob) for i, lp in entries.items() if lp.rank is not None and lp.rank <= k))
+        return h.reply.logprob(token, entries[token].logprob, [i for _, i, _ in top], [v for _, _, v in top])
 
     async def _serve(self, h: _Stream) -> None:
         llm = self._llm
         if llm is None:
-            self._fail(h, "engine is closed")
+            self._fail(h, "engine closed")
             return
         try:
             sp = self._vllm_params(h.params, len(h.prompt))
@@ -304,70 +314,45 @@ class VLLMEngine(EngineClient):
                     self.stats["prompt_tokens"] += len(h.prompt)
                 o = out.outputs[0]
                 for j, token in enumerate(o.token_ids):
-                    self._advance(h, token, o.logprobs[j] if o.logprobs else None)
-                    if h.done:
+                    if h.cancelled or h.finished:
                         break
-                if not h.done and out.finished:
-                    # vLLM stopped on its own: the context is full (it stops a token before
-                    # the zhchat Engine there), or it aborted the request.
+                    self.stats["completion_tokens"] += 1
+                    lp = self._logprob(h, token, o.logprobs[j]) if o.logprobs else None
+                    self._send(h, h.reply.push(token, lp))
+                if h.cancelled or h.finished:
+                    break
+                if out.finished:
+                    # vLLM ended it before Reply did: the context is full (vLLM stops one token
+                    # before the zhchat Engine there: it never samples past max_model_len),
+                    # or vLLM aborted it.
                     if o.finish_reason == "length":
-                        self._finish(h, FINISH_LENGTH)
+                        self._send(h, h.reply.end(FINISH_LENGTH))
                     else:
                         self._fail(h, f"vLLM ended the request ({o.finish_reason})")
-                if h.done:
                     break
         except asyncio.CancelledError:
-            if not h.done:
-                h.done = True
-                self.stats["cancelled"] += 1
+            pass  # cancel() or close(): both already settled the request
         except Exception as e:
             msg = f"{type(e).__name__}: {e}"
             if llm.errored:
-                self.error = f"vLLM engine died: {msg}"
+                self.error = f"the vLLM engine failed: {msg}"
             self._fail(h, self.error or msg)
         finally:
+            self._open.discard(h)
             # Ends the request in vLLM if it is still running there (a stop string, a cancel).
             with contextlib.suppress(BaseException):
                 await outputs.aclose()
 
+    def _send(self, h: _Stream, d: Delta | None) -> None:
+        if d is None or h.cancelled or h.finished:
+            return
+        if d.finish_reason:
+            h.finished = True
+        h.sink(d)
+
     def _fail(self, h: _Stream, message: str) -> None:
-        if not h.done:
-            h.done = True
-            h.sink(Delta("", error=message, prompt_tokens=len(h.prompt), completion_tokens=len(h.out)))
-
-    def _finish(self, h: _Stream, finish: str) -> None:
-        h.text += h.detok.flush()
-        self._emit(h, finish, len(h.out))
-
-    def _advance(self, h: _Stream, token: int, logprobs) -> None:
-        """The zhchat Engine's step for one sampled token (zhchat/generation.py: _advance)."""
-        finish = None
-        if token in self.stop_ids:
-            finish = FINISH_STOP
-            new = h.detok.flush()
-        else:
-            h.out.append(token)
-            new = h.detok.push(token)
-        self.stats["completion_tokens"] += 1
-        n_out = len(h.out) + (finish is not None)
-        if new:
-            start = max(len(h.text) - max((len(s) for s in h.params.stop), default=0), 0)
-            h.text += new
-            for s in h.params.stop:
-                j = h.text.find(s, start)
-                if j >= 0:
-                    h.text, finish = h.text[:j], FINISH_STOP
-                    start = 0
-        next_pos = len(h.prompt) + n_out - 1
-        if finish is None and (n_out >= h.params.max_tokens or next_pos >= self.context_length):
-            finish = FINISH_LENGTH
-            h.text += h.detok.flush()
-        self._emit(h, finish, n_out)
-
-    def _emit(self, h: _Stream, finish: str | None, n_out: int) -> None:
-        end = len(h.text) if finish else len(h.text) - h.holdback()
-        if end > h.emitted or finish:
-            piece, h.emitted = h.text[h.emitted:end], max(end, h.emitted)
-            if finish:
-                h.done = True
-            h.sink(Delta(piece, finish, len(h.prompt), n_out))
+        if not h.finished:
+            h.finished = True
+            self._open.discard(h)
+            if not h.cancelled:
+                h.sink(Delta("", error=message, prompt_tokens=len(h.prompt), completion_tokens=len(h.reply.out)))
