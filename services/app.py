@@ -100,13 +100,22 @@ class ChatIngress:
     def _params(self, body: api._Request) -> dict:
         g = self.cfg.generation
         given = body.sampling()
-        if given["max_tokens"] is not None and given["max_tokens"] > g.max_tokens_cap:
-            raise APIError(400, f"max_tokens is {given['max_tokens']}; this server allows at most "
-                           f"{g.max_tokens_cap}", "max_tokens", "max_tokens_too_large")
-        defaults = {"max_tokens": g.max_tokens, "temperature": g.temperature, "top_p": g.top_p,
-                    "top_k": g.top_k, "repetition_penalty": g.repetition_penalty,
-                    "no_repeat_ngram_size": g.no_repeat_ngram_size}
+        asked = given["max_tokens"]
+        if asked is not None and asked > g.max_tokens_cap:
+            name = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
+            raise APIError(400, f"{name} is {asked}; this server allows at most {g.max_tokens_cap}", name,
+                           "max_tokens_too_large")
+        defaults = g.model_dump(exclude={"max_tokens_cap"})  # the sampling schema's fields
         return {**defaults, **{k: v for k, v in given.items() if v is not None}}
+
+    def _choices(self, n: int, prompts: int) -> None:
+        limit = self.cfg.max_choices
+        if n > limit:
+            raise APIError(400, f"n is {n}; this server gives at most {limit} choices per request", "n",
+                           "too_many_choices")
+        if n * prompts > limit:
+            raise APIError(400, f"{prompts} prompts with n={n} make {n * prompts} choices; this server gives at "
+                           f"most {limit} per request", "prompt", "too_many_choices")
 
     def _messages(self, body: ChatCompletionRequest) -> list[tuple[str, str]]:
         msgs = body.messages
@@ -159,41 +168,60 @@ class ChatIngress:
     def _retry_later(self, message: str, code: str) -> APIError:
         return APIError(503, message, None, code, headers={"Retry-After": str(self.cfg.retry_after_s)})
 
-    async def _complete(self, req: dict, stream: bool, include_usage: bool, chat: bool):
+    async def _complete(self, req: dict, body: api._Request, chat: bool):
         self.counts["requests"] += 1
         rid, model = api.new_id("chatcmpl" if chat else "cmpl"), self.cfg.model_name
-        if not stream:
+        if not body.stream:
             result = await self._first(self.model.generate.remote(req))
-            self._count(result)
-            return (api.chat_completion if chat else api.text_completion)(rid, model, result)
+            for c in result["choices"]:
+                self._count(c)
+            u = api.usage(result["prompt_tokens"], sum(c["completion_tokens"] for c in result["choices"]))
+            return (api.chat_completion if chat else api.text_completion)(rid, model, result["choices"], u)
         gen = self.model.options(stream=True).stream.remote(req)
         first = await self._first(gen.__anext__())
-        return StreamingResponse(self._sse(rid, model, first, gen, include_usage, chat),
+        count = req["n"] * (1 if chat else len(req["prompts"]))
+        return StreamingResponse(self._sse(rid, model, first, gen, req["n"], count, body.include_usage, chat),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _sse(self, rid: str, model: str, first: dict, gen, include_usage: bool, chat: bool) -> AsyncIterator[str]:
+    async def _sse(self, rid: str, model: str, first: dict, gen, n: int, count: int, include_usage: bool,
+                   chat: bool) -> AsyncIterator[str]:
+        """The SSE events of `count` choices whose deltas arrive interleaved (each has its
+        `index`); the usage chunk and [DONE] follow the last choice's end."""
         created = int(time.time())
         if chat:
-            yield api.sse(api.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
+            for i in range(count):
+                yield api.sse(api.chat_chunk(rid, model, created, i, {"role": "assistant", "content": ""}, None))
+        open_choices = set(range(count))
+        prompt_tokens: dict[int, int] = {}
+        completion_tokens: dict[int, int] = {}
+        offsets = [0] * count  # legacy logprobs' text_offset, per choice
         item: dict[str, Any] | None = first
         try:
             while item is not None:
                 self._count(item)
-                text, finish = item["text"], item["finish_reason"]
-                if text:
-                    chunk = (api.chat_chunk(rid, model, created, {"content": text}, None) if chat
-                             else api.text_chunk(rid, model, created, text, None))
-                    yield api.sse(chunk)
+                i, text, finish, lps = item["index"], item["text"], item["finish_reason"], item.get("logprobs")
+                prompt_tokens[i], completion_tokens[i] = item["prompt_tokens"], item["completion_tokens"]
+                if text or lps:
+                    if chat:
+                        yield api.sse(api.chat_chunk(rid, model, created, i, {"content": text}, None,
+                                                     api.chat_logprobs(lps)))
+                    else:
+                        yield api.sse(api.text_chunk(rid, model, created, i, text, None,
+                                                     api.text_logprobs(lps, offsets[i])))
+                        offsets[i] += sum(len(t) for t, _, _ in lps or ())
                 if finish:
-                    yield api.sse(api.chat_chunk(rid, model, created, {}, finish) if chat
-                                  else api.text_chunk(rid, model, created, "", finish))
-                    if include_usage:
-                        u = api.usage(item["prompt_tokens"], item["completion_tokens"])
-                        obj = "chat.completion.chunk" if chat else "text_completion"
-                        yield api.sse(api.usage_chunk(rid, model, created, obj, u))
-                    break
+                    yield api.sse(api.chat_chunk(rid, model, created, i, {}, finish) if chat
+                                  else api.text_chunk(rid, model, created, i, "", finish))
+                    open_choices.discard(i)
+                    if not open_choices:
+                        break
                 item = await gen.__anext__()
+            if include_usage:
+                # A prompt is counted once, however many choices it has (index = prompt * n + j).
+                u = api.usage(sum(t for i, t in prompt_tokens.items() if i % n == 0), sum(completion_tokens.values()))
+                obj = "chat.completion.chunk" if chat else "text_completion"
+                yield api.sse(api.usage_chunk(rid, model, created, obj, u))
         except Exception as e:  # the replica died mid-stream: tell the client in-band
             self.counts["stream_errors"] += 1
             yield api.sse(APIError(500, f"generation failed: {type(e).__name__}", None, "generation_failed").body())
@@ -203,17 +231,22 @@ class ChatIngress:
     @web.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         body = await self._read(request, ChatCompletionRequest)
-        req = {"kind": "chat", "messages": self._messages(body), "params": self._params(body)}
-        return await self._complete(req, body.stream, body.include_usage, chat=True)
+        self._choices(body.n, 1)
+        req = {"kind": "chat", "messages": self._messages(body), "params": self._params(body), "n": body.n}
+        return await self._complete(req, body, chat=True)
 
     @web.post("/v1/completions")
     async def completions(self, request: Request):
         body = await self._read(request, CompletionRequest)
-        if len(body.prompt) > self.cfg.max_message_chars:
-            raise APIError(400, f"prompt is {len(body.prompt)} characters; the limit is "
-                           f"{self.cfg.max_message_chars}", "prompt", "message_too_long")
-        req = {"kind": "text", "prompt": body.prompt, "params": self._params(body)}
-        return await self._complete(req, body.stream, body.include_usage, chat=False)
+        prompts = body.prompts()
+        self._choices(body.n, len(prompts))
+        for i, p in enumerate(prompts):
+            if len(p) > self.cfg.max_message_chars:
+                param = "prompt" if isinstance(body.prompt, str) else f"prompt[{i}]"
+                raise APIError(400, f"{param} is {len(p)} characters; the limit is {self.cfg.max_message_chars}",
+                               param, "message_too_long")
+        req = {"kind": "text", "prompts": prompts, "params": self._params(body), "n": body.n}
+        return await self._complete(req, body, chat=False)
 
     @web.get("/v1/models")
     async def models(self, request: Request):

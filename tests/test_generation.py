@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import time
 from dataclasses import replace
 
 import pytest
@@ -85,16 +86,68 @@ def test_greedy_matches_hf_generate(untied_engine):
 
 
 def test_requests_join_a_running_batch(untied_engine):
+    """The first request's sink holds the engine thread after its first token until the
+    second request is queued: the second must then join the running batch (joins +1) and
+    finish while the first is still decoding."""
+    import threading
+
     e = untied_engine
-    steps_before = e.stats["steps"]
-    long = SamplingParams(max_tokens=60, temperature=1.0, seed=5, no_repeat_ngram_size=0)
-    q1: queue.Queue = queue.Queue()
-    e.submit(e.chat_prompt(convs()[0], 60), long, q1.put)
-    first = q1.get(timeout=30)  # the first request is running
-    assert first.error is None
-    req2, d2 = run(e, e.chat_prompt(convs()[1], 5), SamplingParams(max_tokens=5, seed=6))
+    before = dict(e.stats)
+    queued, events = threading.Event(), []
+    no_stop = {t: -100.0 for t in e.stop_ids}  # the first request cannot end early
+
+    def first_sink(d):
+        events.append(("first", d.finish_reason))
+        queued.wait(30)  # the engine thread waits here, mid-reply
+
+    long = SamplingParams(max_tokens=60, temperature=1.0, seed=5, no_repeat_ngram_size=0, logit_bias=no_stop)
+    e.submit(e.chat_prompt(convs()[0], 60), long, first_sink)
+    while not events:
+        time.sleep(0.001)
+    q2: queue.Queue = queue.Queue()
+    e.submit(e.chat_prompt(convs()[1], 5), SamplingParams(max_tokens=5, seed=6),
+             lambda d: (events.append(("second", d.finish_reason)), q2.put(d)))
+    queued.set()
+    while True:
+        d2 = q2.get(timeout=30)
+        if d2.finish_reason:
+            break
     assert d2.completion_tokens <= 5
-    assert e.stats["max_batch"] >= 2 and e.stats["steps"] > steps_before
+    deadline = time.monotonic() + 30
+    while ("first", "length") not in events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second_done = events.index(("second", d2.finish_reason))
+    assert ("first", None) in events[second_done:]  # the first still streamed after the second ended
+    assert events[-1] == ("first", "length")
+    assert e.stats["joins"] - before["joins"] == 1
+    assert e.stats["batched"] - before["batched"] == 2
+    assert e.stats["requests"] - before["requests"] == 2
+
+
+def test_cancel_counts_only_cancelled_requests(untied_engine):
+    """`cancelled` moves for a request abandoned mid-reply (in the batch or still waiting),
+    never for one that finished, even though every stream cancels its request on exit."""
+    import asyncio
+
+    e = untied_engine
+    prompt = e.chat_prompt(convs()[1], 60)
+    no_stop = {t: -100.0 for t in e.stop_ids}
+
+    async def abandon():
+        async for d in e.astream(prompt, SamplingParams(max_tokens=60, seed=3, logit_bias=no_stop)):
+            return d
+
+    before = dict(e.stats)
+    list(e.stream(prompt, SamplingParams(max_tokens=5, seed=1)))  # finished, then cancel()ed by stream()
+    e.generate([prompt], SamplingParams(max_tokens=5, seed=2))
+    assert e.stats["cancelled"] == before["cancelled"]
+    d = asyncio.run(abandon())
+    assert d.finish_reason is None
+    deadline = time.monotonic() + 10
+    while e.stats["cancelled"] == before["cancelled"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert e.stats["cancelled"] == before["cancelled"] + 1
+    assert e.stats["completion_tokens"] - before["completion_tokens"] < 5 + 5 + 60  # it did stop
 
 
 def test_max_tokens_and_stop_strings(untied_engine):
@@ -104,10 +157,10 @@ def test_max_tokens_and_stop_strings(untied_engine):
     full = e.generate([prompt], base)[0]
     assert len(full.text) >= 6, full
     stop = full.text[4:6]
-    cut = e.generate([prompt], SamplingParams(**{**base.__dict__, "stop": [stop]}))[0]
+    cut = e.generate([prompt], SamplingParams(**{**base.to_dict(), "stop": [stop]}))[0]
     assert cut.text == full.text[: full.text.find(stop)]
     assert cut.finish_reason == "stop"
-    short = e.generate([prompt], SamplingParams(**{**base.__dict__, "max_tokens": 3}))[0]
+    short = e.generate([prompt], SamplingParams(**{**base.to_dict(), "max_tokens": 3}))[0]
     assert short.completion_tokens == 3 and short.finish_reason == "length"
 
 
@@ -229,3 +282,61 @@ def test_astream_merges_deltas_a_slow_consumer_let_pile_up(untied_engine):
     assert slow[-1].finish_reason == fast[-1].finish_reason
     assert slow[-1].completion_tokens == fast[-1].completion_tokens
     assert len(slow) < len(fast)
+
+
+def test_logit_bias_in_the_engine(untied_engine):
+    e = untied_engine
+    prompt = e.chat_prompt(convs()[0], 8)
+    tok = e.fmt.encode_text("好")[0]
+    forced = e.generate([prompt], SamplingParams(max_tokens=8, temperature=0, repetition_penalty=1.0,
+                                                 no_repeat_ngram_size=0, logit_bias={tok: 100.0}))[0]
+    assert forced.text == e.tokenizer.decode([tok]) * 8 and forced.finish_reason == "length"
+    with pytest.raises(ValueError, match="logit_bias"):
+        e.submit(prompt, SamplingParams(logit_bias={e.vocab_size: 1.0}), lambda d: None)
+
+
+def test_logprobs_travel_with_their_text(untied_engine):
+    """Each reply token's raw logprob comes in the delta that carries its text (the last
+    delta carries what is left); stop tokens have none; greedy picks the top alternative."""
+    e = untied_engine
+    prompt = e.chat_prompt(convs()[2], 40)
+    params = SamplingParams(max_tokens=40, temperature=0, repetition_penalty=1.0, no_repeat_ngram_size=0, logprobs=3)
+    deltas = list(e.stream(prompt, params))
+    lps = [lp for d in deltas for lp in d.logprobs]
+    stopped = deltas[-1].finish_reason == "stop"
+    assert len(lps) == deltas[-1].completion_tokens - stopped > 3
+    for lp in lps:
+        assert len(lp.top) == 3 and lp.logprob == pytest.approx(lp.top[0][1]) and lp.token == lp.top[0][0]
+        assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+    # the tokens' texts, in order, are the reply's (a token holding part of a character is
+    # U+FFFD; the whole character is in the reply)
+    text = iter("".join(d.text for d in deltas))
+    whole = "".join(lp.token for lp in lps).replace("\ufffd", "")
+    assert len(whole) > 3 and all(c in text for c in whole)
+    for d in deltas[:-1]:  # a delta's logprobs are for its own text
+        assert d.text and d.logprobs
+    # raw logprobs: the same whatever the temperature and penalties (the first token's
+    # distribution depends on the prompt only)
+    hot = list(e.stream(prompt, SamplingParams(max_tokens=3, temperature=1.5, seed=4, repetition_penalty=3.0,
+                                               logprobs=3, logit_bias={0: 5.0})))
+    assert [t for t, _ in hot[0].logprobs[0].top] == [t for t, _ in lps[0].top]
+    assert [v for _, v in hot[0].logprobs[0].top] == pytest.approx([v for _, v in lps[0].top], abs=1e-5)
+    # no logprobs unless asked
+    assert all(d.logprobs is None for d in e.stream(prompt, SamplingParams(max_tokens=5, seed=1)))
+
+
+def test_logprobs_with_a_stop_string(untied_engine):
+    """A stop string cuts the reply: the tokens after its start have no logprobs."""
+    e = untied_engine
+    prompt = e.chat_prompt(convs()[0], 40)
+    base = SamplingParams(max_tokens=40, temperature=1.0, seed=11, no_repeat_ngram_size=0, logprobs=0)
+    full = list(e.stream(prompt, base))
+    text = "".join(d.text for d in full)
+    assert len(text) >= 8, text
+    stop = text[6:8]
+    cut = list(e.stream(prompt, SamplingParams(**{**base.to_dict(), "stop": [stop]})))
+    got = "".join(d.text for d in cut)
+    assert got == text[:text.find(stop)] and cut[-1].finish_reason == "stop"
+    n_cut = sum(len(d.logprobs) for d in cut)
+    n_full = sum(len(d.logprobs) for d in full)
+    assert 0 < n_cut < n_full

@@ -126,7 +126,7 @@ BAD_INPUTS = [
     ("too many messages", {"messages": OK * 65}, 400, "messages"),
     ("longer than context", {"messages": [{"role": "user", "content": "你好" * 300}]}, 400, "messages"),
     ("five stop strings", {"messages": OK, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ("n > 1", {"messages": OK, "n": 2}, 400, "n"),
+    ("n above the server's max_choices", {"messages": OK, "n": 9}, 400, "n"),
     ("top_p zero", {"messages": OK, "top_p": 0}, 400, "top_p"),
     ("negative top_k", {"messages": OK, "top_k": -1}, 400, "top_k"),
 ]

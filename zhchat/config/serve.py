@@ -53,6 +53,7 @@ class ServeConfig(Section):
     max_messages: int = Field(64, ge=1)
     max_message_chars: int = Field(4000, ge=1)
     max_request_bytes: int = Field(1_000_000, ge=1024)
+    max_choices: int = Field(8, ge=1, le=128, description="Choices per request at most: n, times the prompts of a list prompt")
     retry_after_s: int = Field(1, ge=0, description="Retry-After header on 503")
     # -- access and content
     api_keys_file: str | None = Field(None, description="One key per line; also ZHCHAT_API_KEYS (comma-separated)")

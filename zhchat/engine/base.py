@@ -16,9 +16,12 @@ An engine (a subclass of EngineClient) provides:
   Cancelling a finished or cancelled request does nothing.
 - `info() -> dict`: at least {"engine": name, "context_length", "vocab_size", "device",
   "max_batch_size", "error", "stats": {"requests", "prompt_tokens", "completion_tokens",
-  "cancelled"}}; counters are cumulative since the engine started. `requests` counts
-  requests that started (prefill), `cancelled` those that were cancelled before they
-  finished (and only those).
+  "cancelled", "batched"}}; counters are cumulative since the engine started (a test
+  compares them before and after). `requests`: requests that started (prefill);
+  `completion_tokens`: tokens sampled, stop tokens included; `cancelled`: requests
+  cancelled before they finished, and only those (a finished request cancelled afterwards,
+  as every stream's cleanup does, is not counted); `batched`: requests that were generated
+  in one forward pass with at least one other request.
 - `close()`: fail open requests with an error Delta and free the model.
 
 Built on those: check_health, stream, astream, generate, chat_batch, chat_prompt,

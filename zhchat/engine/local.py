@@ -46,6 +46,7 @@ class _Request:
     id: int = field(default_factory=lambda: next(_ids))
     started: bool = False
     cancelled: bool = False
+    batched: bool = False  # shared a forward pass with another request
 
     @property
     def params(self) -> SamplingParams:
@@ -83,10 +84,10 @@ class Engine(EngineClient):
         self._thread: threading.Thread | None = None
         self._closed = False
         self.error: str | None = None  # last forward-pass failure, for health checks
-        # Cumulative counters. requests: prefilled; cancelled: cancelled before finishing;
-        # steps: decode steps; max_batch: the most rows one decode step had; joins: requests
-        # that joined a batch which was already decoding.
-        self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cancelled": 0,
+        # Cumulative counters (base.py has the common ones). Beyond them: steps: decode steps;
+        # max_batch: the most rows one decode step had; joins: requests that joined a batch
+        # which was already decoding.
+        self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cancelled": 0, "batched": 0,
                       "steps": 0, "max_batch": 0, "joins": 0}
         # Called by the loop thread after every step (and after failing requests), once the
         # step's deltas have gone to their sinks: EngineProcess sends them on as one message.
@@ -234,6 +235,8 @@ class Engine(EngineClient):
             self.stats["joins"] += n
         for r in reqs:
             r.started = True
+        if n > 1:
+            self._batched(reqs)
         nxt = torch.tensor(tokens, dtype=torch.long, device=self.device)
         new_pos = mask.sum(-1)
         self._merge(reqs, cache, mask, nxt, new_pos)
@@ -271,7 +274,15 @@ class Engine(EngineClient):
         self._next = torch.tensor(tokens, dtype=torch.long, device=self.device)
         self.stats["steps"] += 1
         self.stats["max_batch"] = max(self.stats["max_batch"], b)
+        if b > 1:
+            self._batched(self._rows)
         self._after_step({r.id: (t, lp) for r, t, lp in zip(self._rows, tokens, lps)})
+
+    def _batched(self, reqs: list[_Request]) -> None:
+        for r in reqs:
+            if not r.batched:
+                r.batched = True
+                self.stats["batched"] += 1
 
     def _after_step(self, sampled: dict[int, tuple]) -> None:
         """Feed sampled tokens to their requests, send deltas, drop finished rows."""
