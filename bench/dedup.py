@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
 
-import preprocess as bp  # noqa: E402  bench/preprocess.py: corpus pieces, memory sampler, segment stage
+import preprocess as bp  # bench/preprocess.py: corpus pieces, memory sampler, segment stage
 
 SAMPLE = ROOT / "zhchat" / "data" / "sample"
 PUNCT = "，。！？；…～"

@@ -36,7 +36,6 @@ the removed table). The system prompt gets the text rules but no length limits, 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import re
 import unicodedata

@@ -46,10 +46,12 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+
 from .clean import as_turn_lists, normalize_text
 
 # -- exact / normalized keys ------------------------------------------------------------------
@@ -359,7 +361,7 @@ class Params:
     reply_turns: str = "last"
 
     @classmethod
-    def of(cls, cfg) -> "Params":
+    def of(cls, cfg) -> Params:
         return cls(cfg.dialogues, cfg.replies, cfg.threshold, cfg.ngram, cfg.num_perm, cfg.bands,
                    cfg.reply_contexts, cfg.reply_turns)
 
@@ -432,7 +434,7 @@ def bucket_candidates(block, p: Params):
 
     def add(target, src, level, a_turn, b_turn, ctxn):
         n = len(src)
-        cols["k"].append(np.broadcast_to(np.asarray(target, np.uint64), n))
+        cols["k"].append(np.broadcast_to(np.asarray(target, np.uint64), n))  # a scalar or one per src
         cols["src"].append(np.asarray(src, np.uint64))
         cols["level"].append(np.full(n, level, np.int8))
         cols["a_turn"].append(np.broadcast_to(np.asarray(a_turn, np.int16), n))
@@ -443,7 +445,17 @@ def bucket_candidates(block, p: Params):
         k = block.column("k").to_numpy()
         ctx = block.column("ctx").to_numpy()
         turn = block.column("turn").to_numpy()
-        for s, n in zip(starts[big], lengths[big]):
+        # level 1, small buckets (nearly all of them): every pair, vectorised per bucket size
+        small = big & (levels[starts] == 0) & (lengths <= ALL_PAIRS_BUCKET)
+        for m in np.unique(lengths[small]):
+            at = starts[small & (lengths == m)]
+            for i in range(m - 1):
+                for j in range(i + 1, m):
+                    src, tgt = k[at + j], k[at + i]
+                    keep = src != tgt  # the same id twice (an exact copy) is one dialogue
+                    if keep.any():
+                        add(tgt[keep], src[keep], 0, -1, -1, 0)
+        for s, n in zip(starts[big & ~small], lengths[big & ~small]):
             ks = k[s:s + n]
             if levels[s] == 0:
                 uniq = np.unique(ks)  # the same id twice (an exact copy) is one dialogue here
@@ -596,12 +608,11 @@ def _kept_rows(batch):
     return batch.filter(pc.equal(batch.column("_nd_reason"), "")).drop_columns(list(OUT_COLUMNS))
 
 
-def _removed_rows(batch, reason: str | None = None):
+def _removed_rows(batch):
     """Removed rows with `duplicate_of` (the id they near-duplicate) and `near_dup_reason`."""
     import pyarrow.compute as pc
 
-    col = batch.column("_nd_reason")
-    out = batch.filter(pc.not_equal(col, "") if reason is None else pc.equal(col, reason))
+    out = batch.filter(pc.not_equal(batch.column("_nd_reason"), ""))
     out = out.append_column("duplicate_of", out.column("_nd_of")).append_column("near_dup_reason", out.column("_nd_reason"))
     return out.drop_columns(list(OUT_COLUMNS))
 

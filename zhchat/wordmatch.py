@@ -19,8 +19,8 @@ words.
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import ahocorasick
 
@@ -106,7 +106,7 @@ class WordMatcher:
             self._automaton.make_automaton()
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "WordMatcher":
+    def from_file(cls, path: str | Path) -> WordMatcher:
         p = Path(path).expanduser()
         if not p.is_file():
             raise FileNotFoundError(f"word list not found: {path}")
@@ -115,7 +115,7 @@ class WordMatcher:
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            (patterns if line.startswith("re:") else words).append(line[3:] if line.startswith("re:") else line)
+            (patterns if line.startswith("re:") else words).append(line.removeprefix("re:"))
         m = cls(words)
         m.patterns = patterns
         return m
