@@ -34,21 +34,36 @@ def test_same_replies_as_the_in_process_engine(proc, tiny_model_dir):
 
 
 def test_streams_cancels_and_counts(proc):
+    """Leaving a stream early cancels the request in the child: its `cancelled` counter (which
+    no finished request moves) goes up by one and it stops generating."""
+    fmt = proc.fmt  # every special token ends a reply: none may, so it runs until cancelled
+    no_stop = {t: -100.0 for t in (fmt.eos_id, fmt.end_id, *fmt.role_ids.values())}
+
     async def first_delta_then_stop():
-        prompt = proc.chat_prompt(CONVS[1], 60)
-        async for d in proc.astream(prompt, SamplingParams(max_tokens=60, seed=3, no_repeat_ngram_size=0)):
+        prompt = proc.chat_prompt(CONVS[1], 100)
+        params = SamplingParams(max_tokens=100, seed=3, no_repeat_ngram_size=0, logit_bias=no_stop)
+        async for d in proc.astream(prompt, params):
             return d  # leaving the loop cancels the request in the child
 
-    before = proc.stats["requests"]
+    list(proc.stream(proc.chat_prompt(CONVS[0], 5), SamplingParams(max_tokens=5, seed=1)))  # finishes
+    before = proc.stats
     d = asyncio.run(first_delta_then_stop())
-    assert d.error is None and d.completion_tokens >= 1
-    deadline = time.monotonic() + 10  # the cancel reaches the child; its batch empties
-    while proc.stats.get("requests", 0) <= before and time.monotonic() < deadline:
+    assert d.error is None and d.completion_tokens >= 1 and d.finish_reason is None
+    deadline = time.monotonic() + 10  # the cancel reaches the child
+    while proc.stats["cancelled"] == before["cancelled"] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert proc.stats["requests"] == before + 1
+    after = proc.stats
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["requests"] == before["requests"] + 1
+    time.sleep(0.3)
+    assert proc.stats["completion_tokens"] == after["completion_tokens"] < before["completion_tokens"] + 100
+    info = proc.info()
+    assert info["engine"] == "zhchat" and info["engine_pid"] == proc.pid and info["stats"]["cancelled"] >= 1
     proc.check_health()
     with pytest.raises(PromptTooLong):
         proc.submit(list(range(proc.context_length + 5)), SamplingParams(), lambda d: None)
+    with pytest.raises(ValueError, match="logit_bias"):
+        proc.submit([1, 2], SamplingParams(logit_bias={proc.vocab_size: 1.0}), lambda d: None)
 
 
 def test_a_dead_child_fails_open_requests(tiny_model_dir):
