@@ -72,3 +72,13 @@ def test_tokenizer_report_names_what_the_vocabulary_loses(bert):
     assert r["round_trip_changed"] == 1  # lower-cased, [UNK] dropped
     assert r["unknown_tokens"] == 2 and 0 < r["unknown_rate"] < 1  # 鲸 and 鱼 are not in the vocabulary
     assert r["examples"][0]["text"] == "Hello 鲸鱼" and "hello" in r["examples"][0]["decoded"]
+
+
+def test_streamed_reply_reads_as_chinese(bert):
+    """The engine's incremental detokenizer, token by token, gives the same normal text."""
+    from zhchat.engine.detokenizer import Detokenizer
+
+    ids = _ids(bert, "你好，hello world！今天天气怎么样？")
+    d = Detokenizer(bert)
+    text = "".join(d.push(i) for i in ids) + d.flush()
+    assert text == "你好，hello world！今天天气怎么样？"

@@ -13,12 +13,21 @@ class Detokenizer:
     """
 
     def __init__(self, tokenizer):
+        from zhchat.tokenizer import decode, is_wordpiece
+
         self.tok = tokenizer
         self.ids: list[int] = []
         self.prefix = 0  # decode window start (context for tokenizers whose decoding depends on it)
         self.read = 0    # ids before this have been released
+        # A BERT-style tokenizer's own decode puts a space between every character:
+        # zhchat.tokenizer.decode reads it as normal Chinese (the window's first token gives
+        # the context for the space between two Latin words).
+        self._wordpiece = is_wordpiece(tokenizer)
+        self._text = decode
 
     def _decode(self, ids: list[int]) -> str:
+        if self._wordpiece:
+            return self._text(self.tok, ids)
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def push(self, token: int) -> str:
