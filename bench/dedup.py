@@ -259,6 +259,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 MB corpus: a smoke run, numbers mean nothing")
     ap.add_argument("--mb", type=float, help="corpus size in MB of UTF-8 text (default 30, --quick 3)")
     ap.add_argument("--workdir", help="where to put the corpus (default: a temporary folder, removed)")
+    ap.add_argument("--growth", action="store_true", help="also run a corpus twice the size and report the "
+                    "peak memory of both (the tagged result is materialised: it grows until Ray spills it)")
     args = ap.parse_args()
     mb = args.mb or (3.0 if args.quick else 30.0)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="zhchat-bench-dedup-"))
@@ -280,6 +282,18 @@ def main() -> None:
               f"level 2 (replies): removed {levels['replies']['removed']:,}", flush=True)
         for r in s["false_examples"]:
             print(f"  removed outside its planted cluster: {r}", flush=True)
+        growth = {}
+        if args.growth:
+            big = write_corpus(work / "corpus_2x", 2 * mb, seed=8)
+            dd2 = fresh_cluster(dedup_stage, work / "corpus_2x", work / "out", big["chars"])
+            s2 = score(dd2["removed"], big["cluster_of"], big["variants"])
+            growth = {"peak_mb_2x": dd2["peak_mb"], "memory_growth_2x": round(dd2["peak_mb"] / dd["peak_mb"], 3),
+                      "above_idle_growth_2x": round((dd2["peak_mb"] - dd2["idle_mb"]) / max(dd["peak_mb"] - dd["idle_mb"], 1), 3),
+                      "recall_2x": round(s2["recall"], 4), "precision_2x": round(s2["precision"], 4),
+                      "dedup_chars_per_s_2x": round(dd2["chars_per_s"])}
+            print(f"2x corpus ({big['mb']} MB): {dd2['chars_per_s']:,.0f} chars/s, peak memory {dd2['peak_mb']:,} MB "
+                  f"(idle {dd2['idle_mb']:,} MB): {growth['memory_growth_2x']}x the 1x peak; recall "
+                  f"{s2['recall']:.4f}, precision {s2['precision']:.4f}", flush=True)
         ratio = dd["chars_per_s"] / seg["chars_per_s"]
         print(f"recall {s['recall']:.4f} (target >= 0.95), precision {s['precision']:.4f} (>= 0.98), "
               f"throughput ratio {ratio:.2f} (>= 0.5)")
@@ -289,7 +303,7 @@ def main() -> None:
             "dedup_seconds": dd["seconds"], "segment_seconds": seg["seconds"], "planted_variants": corpus["variants"],
             "found": s["found"], "level1_removed": s["level1_removed"], "level2_removed": s["level2_removed"],
             "corpus_mb": corpus["mb"], "corpus_chars": corpus["chars"], "dialogues": corpus["dialogues"],
-            "peak_mb": dd["peak_mb"], "idle_mb": dd["idle_mb"], "quick": args.quick,
+            "peak_mb": dd["peak_mb"], "idle_mb": dd["idle_mb"], **growth, "quick": args.quick,
         }, ensure_ascii=False))
     finally:
         if not args.workdir:

@@ -686,14 +686,15 @@ class NearDupResult:
 
 def near_dedup(ds, cfg, num_partitions: int | None = None) -> NearDupResult:
     """Near-duplicate removal at both levels (see the module docstring); `cfg` is a
-    NearDupConfig (or Params). The input is materialised once (three steps read it) and so
-    is the tagged result (kept, removed and the statistics read it)."""
+    NearDupConfig (or Params). Three steps read the input (it should be cheap to read again:
+    a Parquet read, or a map over a materialised dataset, as preprocess hands it); the tagged
+    result is materialised once (in the object store, spilling to disk as needed) because
+    kept, removed and the statistics read it."""
     p = cfg if isinstance(cfg, Params) else Params.of(cfg)
     examples = getattr(cfg, "examples", 3)
     levels = {"dialogues": p.dialogues, "replies": p.replies}
     if not (p.dialogues or p.replies):
         return NearDupResult(kept=ds, removed=ds.limit(0), examples=examples, levels=levels)
-    ds = ds.materialize()
     schema = ds.schema().base_schema
     bands = ds.map_batches(band_rows, fn_kwargs={"p": p}, batch_format="pyarrow")
     cands = colocate(bands, "bkey", num_partitions).map_batches(

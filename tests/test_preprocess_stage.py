@@ -142,6 +142,9 @@ def test_preprocess_end_to_end(ray_cluster, tmp_path, capsys):
     assert {"empty_after_cleaning", "duplicate", "near_duplicate", "generic_reply_cross_context", "ads",
             "generic_reply"} <= reasons
     assert removed.num_rows == sum(c["removed"].values()) + c["dedup_removed"]
+    from zhchat.tables import REMOVED_REASONS
+
+    assert reasons <= set(REMOVED_REASONS)                      # every reason written is documented
     # near-duplicates: counts per level in the manifest, the quarantine names the dialogue duplicated
     nd = c["near_dup"]
     assert nd["dialogues"]["removed"] == c["removed"]["near_duplicate"] > 0

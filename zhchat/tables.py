@@ -29,6 +29,23 @@ QUARANTINE_SCHEMA = pa.schema([
 ])
 
 
+# Why preprocess removed a dialogue: the `reason` of OUT/removed/ (pipelines/preprocess.py's
+# REMOVED_SCHEMA: id, source, turns, system, reason, detail), with what `detail` holds.
+REMOVED_REASONS = {
+    "empty_after_cleaning": "removed/cleaning: the rules that fired (rule_hits JSON)",
+    "too_few_turns": "removed/cleaning: the rules that fired (rule_hits JSON)",
+    "sensitive_word": "removed/cleaning: the word of clean.sensitive.words found",
+    "ads": "removed/cleaning: what was found (a contact handle, an ad word, a link with a sales cue, a repeat)",
+    "not_chinese": "removed/cleaning: the share of Chinese words",
+    "repeated_turns": "removed/cleaning: how many turns repeat an earlier one",
+    "length_ratio": "removed/cleaning: the lengths of the turn before the reply and the reply",
+    "generic_reply": "removed/cleaning: the reply",
+    "duplicate": "removed/duplicates: the id of the copy kept",
+    "near_duplicate": "removed/near_duplicates: the id of the dialogue it near-duplicates",
+    "generic_reply_cross_context": "removed/near_duplicates: the id of a dialogue with the same reply",
+}
+
+
 def dialogue_id(turns: Sequence[str], system: str = "") -> str:
     """A stable id from the content, so the split by id hash is the same on every run."""
     h = hashlib.blake2b(json.dumps([system, list(turns)], ensure_ascii=False).encode("utf-8"), digest_size=10)
