@@ -244,11 +244,11 @@ class MinHasher:
         out_h, out_d = [], []
         sl, ss = np.asarray(short_len, np.int64), np.asarray(short_start, np.int64)
         sd = np.asarray(short_doc, np.int64)
-        span = total  # prefix windows of length j+1 start anywhere a short turn does
-        acc = np.zeros(span, dtype=np.uint64)
+        acc = np.zeros(total, dtype=np.uint64)
         for j in range(n):
-            # acc[i] = sum_{q<=j} cp[i+q] * coef[q]: windows of length j+1 starting at i
-            acc[: span - j] += cp[j:] * self.coef[j]
+            # acc[i] = sum_{q<=j} cp[i+q] * coef[q], the window of length j+1 at i: after the
+            # last step the n-grams; on the way, the short turns of length j+1 are taken
+            acc[: total - j] += cp[j:] * self.coef[j]
             if len(sl):
                 pick = sl == j + 1
                 if pick.any():
@@ -312,7 +312,7 @@ def _band_schema():
     import pyarrow as pa
 
     return pa.schema([("bkey", pa.uint64()), ("k", pa.uint64()), ("ctx", pa.uint64()), ("level", pa.int8()),
-                      ("turn", pa.int16())])
+                      ("turn", pa.int32())])
 
 
 def _target_schema():
@@ -320,15 +320,15 @@ def _target_schema():
     (k = the target to compare with, src = the dialogue that may go)."""
     import pyarrow as pa
 
-    return pa.schema([("k", pa.uint64()), ("level", pa.int8()), ("src", pa.uint64()), ("a_turn", pa.int16()),
-                      ("b_turn", pa.int16()), ("ctxn", pa.int32()), ("id", pa.string()),
+    return pa.schema([("k", pa.uint64()), ("level", pa.int8()), ("src", pa.uint64()), ("a_turn", pa.int32()),
+                      ("b_turn", pa.int32()), ("ctxn", pa.int32()), ("id", pa.string()),
                       ("turns", pa.list_(pa.string()))])
 
 
 def _result_fields():
     import pyarrow as pa
 
-    return [pa.field("_nd_level", pa.int8()), pa.field("_nd_a_turn", pa.int16()), pa.field("_nd_ctxn", pa.int32()),
+    return [pa.field("_nd_level", pa.int8()), pa.field("_nd_a_turn", pa.int32()), pa.field("_nd_ctxn", pa.int32()),
             pa.field("_nd_b_k", pa.uint64()), pa.field("_nd_b_id", pa.string()),
             pa.field("_nd_b_text", pa.list_(pa.string()))]
 
@@ -389,7 +389,7 @@ def band_rows(batch, p: Params):
         keys = mh.band_keys(sig, p.bands, 0)
         out.append(pa.table({"bkey": keys.ravel(), "k": np.repeat(k[docs], keys.shape[1]),
                              "ctx": np.zeros(keys.size, np.uint64), "level": np.zeros(keys.size, np.int8),
-                             "turn": np.full(keys.size, -1, np.int16)}, schema=_band_schema()))
+                             "turn": np.full(keys.size, -1, np.int32)}, schema=_band_schema()))
     if p.replies:
         texts, owner, turn_i, ctx = [], [], [], []
         for d, ts in enumerate(norm):
@@ -406,7 +406,7 @@ def band_rows(batch, p: Params):
             ctx_h = id_hash([ctx[i] for i in docs])
             out.append(pa.table({"bkey": keys.ravel(), "k": np.repeat(k[np.asarray(owner)[docs]], nb),
                                  "ctx": np.repeat(ctx_h, nb), "level": np.ones(keys.size, np.int8),
-                                 "turn": np.repeat(np.asarray(turn_i, np.int16)[docs], nb)}, schema=_band_schema()))
+                                 "turn": np.repeat(np.asarray(turn_i, np.int32)[docs], nb)}, schema=_band_schema()))
     return pa.concat_tables(out) if out else _band_schema().empty_table()
 
 
@@ -437,8 +437,8 @@ def bucket_candidates(block, p: Params):
         cols["k"].append(np.broadcast_to(np.asarray(target, np.uint64), n))  # a scalar or one per src
         cols["src"].append(np.asarray(src, np.uint64))
         cols["level"].append(np.full(n, level, np.int8))
-        cols["a_turn"].append(np.broadcast_to(np.asarray(a_turn, np.int16), n))
-        cols["b_turn"].append(np.broadcast_to(np.asarray(b_turn, np.int16), n))
+        cols["a_turn"].append(np.broadcast_to(np.asarray(a_turn, np.int32), n))
+        cols["b_turn"].append(np.broadcast_to(np.asarray(b_turn, np.int32), n))
         cols["ctxn"].append(np.full(n, ctxn, np.int32))
 
     if big.any():
@@ -487,7 +487,7 @@ def text_rows(batch):
     n = batch.num_rows
     return pa.table({
         "k": id_hash(batch.column("id").to_pylist()), "level": np.full(n, -1, np.int8), "src": np.zeros(n, np.uint64),
-        "a_turn": np.full(n, -1, np.int16), "b_turn": np.full(n, -1, np.int16), "ctxn": np.zeros(n, np.int32),
+        "a_turn": np.full(n, -1, np.int32), "b_turn": np.full(n, -1, np.int32), "ctxn": np.zeros(n, np.int32),
         "id": batch.column("id").cast(pa.string()), "turns": batch.column("turns").cast(pa.list_(pa.string())),
     }, schema=_target_schema())
 
@@ -549,14 +549,15 @@ def decide(block, p: Params):
     level = block.column("_nd_level").to_numpy()
     rows = block.filter(pa.array(level < 0))
     order = [(_K, "ascending")] + ([("source", "ascending")] if "source" in rows.column_names else [])
-    rows = rows.sort_by(order).drop_columns([_K] + list(RESULT_COLUMNS))
+    rows = rows.sort_by(order)
+    fk = rows.column(_K).to_numpy()
+    rows = rows.drop_columns([_K] + list(RESULT_COLUMNS))
     cand = block.filter(pa.array(level >= 0)).sort_by([(_K, "ascending"), ("_nd_level", "ascending"),
                                                        ("_nd_b_k", "ascending")])
     n = rows.num_rows
     reason, of, of_turns = [""] * n, [""] * n, [None] * n
     sim = np.zeros(n, np.float32)
     contexts = np.zeros(n, np.int32)
-    fk = id_hash(rows.column("id").to_pylist()) if n else np.zeros(0, np.uint64)
     ids = rows.column("id").to_pylist()
     if n > 1 and p.dialogues:  # the same id twice (no exact dedup before): later copies go
         turns_all = None
