@@ -232,11 +232,13 @@ class CompletionRequest(_Request):
     suffix: str | None = None
     best_of: int | None = None
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, v):
         if isinstance(v, list) and not v:
             raise ValueError("is an empty list; send a string or a list of strings")
+        if isinstance(v, list) and any(isinstance(x, (int, list)) for x in v):
+            raise ValueError("unsupported:prompt:'prompt' as token ids is not supported; send text")
         return v
 
     @field_validator("echo")
