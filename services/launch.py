@@ -61,22 +61,29 @@ def stop(name: str = APP_NAME, wait_s: float | None = None) -> None:
 
 
 def run_serve(cfg: RunConfig, args=None) -> dict:
-    """Serve until interrupted (SIGINT or SIGTERM), then remove the app."""
+    """Serve until interrupted (SIGINT or SIGTERM), then remove the app: requests in flight
+    finish first (Serve drains a deleted app's replicas), new ones are refused."""
     done = threading.Event()
+    url = None
 
     def on_signal(*_) -> None:
         if url is None:  # still starting (which may wait for resources): give up, as Ctrl-C does
             raise KeyboardInterrupt
         done.set()
 
+    def handle_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
     # `serve run`-style scripts can be started in the background where SIGINT is ignored:
-    # SIGTERM must stop us too, and from the start: Ray's own SIGTERM handler kills the
-    # process at once, leaving the app half up.
-    url = None
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    # SIGTERM must stop us too, and from the start. ray.init() installs its own SIGTERM
+    # handler (sys.exit wherever the main thread is: a C++ stack and an abort, status 134),
+    # so Ray is started first and ours go back on right after.
+    handle_signals()
+    init_ray(cfg.ray)
+    handle_signals()
     url = start(cfg)
-    kv_table("zhchat serve", {"model": cfg.serve.model, "chat page": url + "/",
+    kv_table("zhchat serve", {"model": cfg.serve.model, "engine": cfg.serve.engine, "chat page": url + "/",
                               "API": url + "/v1/chat/completions", "replicas":
                               f"{cfg.serve.min_replicas}..{cfg.serve.max_replicas}"})
     say(f"serving at {url} — Ctrl-C to stop")

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import free_port, own_cluster_env
+from test_shutdown import CRASH_MARKS
 from zhchat.cli import main
 from zhchat.run import sample_files
 
@@ -85,6 +86,7 @@ def test_run_embedded_default_end_to_end_then_skip(ray_cluster, tmp_path, capsys
         reader.join(timeout=10)
         out = "".join(lines)
         assert proc.returncode == 0, out[-4000:]
+        assert not [m for m in CRASH_MARKS if m in out], out[-4000:]  # no C++ stack, no abort
         # Serve's 30 s ingress drain (for multi-node HAProxy) is 2 s on a local cluster.
         assert stop_s < 25, f"stopping took {stop_s:.0f}s"
         assert "outputs are complete" in out and f"127.0.0.1:{port}" in out and "stopping" in out

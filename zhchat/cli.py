@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
+import threading
 from typing import Any, Callable
 
 from .config import FORMATS, ConfigError, RunConfig, check_stage_inputs, load_config
@@ -156,6 +158,24 @@ def resolve_stage(name: str) -> Callable[..., Any]:
     return getattr(mod, func)
 
 
+_terminated = False
+
+
+def _sigterm(signum, frame) -> None:
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM does what Ctrl-C does: KeyboardInterrupt in the main thread, which every stage
+    already unwinds cleanly. ray.init() installs a SIGTERM handler of its own (sys.exit at
+    whatever the main thread is doing, with Ray's threads running: a C++ stack and an
+    abort, status 134), so whoever starts Ray calls this again after it."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config_path = args.config or getattr(args, "config_file", None)
@@ -166,11 +186,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zhchat {args.command}: {e}", file=sys.stderr)
         return 2
     fn = resolve_stage(args.command)
+    stop_on_sigterm()
     try:
         summary = fn(cfg, args)
     except KeyboardInterrupt:
-        print(f"zhchat {args.command}: interrupted", file=sys.stderr)
-        return 130
+        # 128 + the signal, as a shell reports a process killed by it
+        print(f"zhchat {args.command}: {'terminated' if _terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if _terminated else 130
+    except SystemExit as e:
+        if e.code != signal.SIGTERM:
+            raise
+        # SIGTERM while ray.init() ran: its handler (sys.exit(15)) was on, not ours.
+        print(f"zhchat {args.command}: terminated", file=sys.stderr)
+        return 143
     except (ValueError, FileNotFoundError) as e:
         print(f"zhchat {args.command}: error: {e}", file=sys.stderr)
         return 1

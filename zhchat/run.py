@@ -71,11 +71,12 @@ def _stage_args(stage: str) -> argparse.Namespace:
 
 
 def run_all(cfg: RunConfig, args: argparse.Namespace) -> dict:
-    from .cli import resolve_stage
+    from .cli import resolve_stage, stop_on_sigterm
     from .runtime import init_ray
 
     cfg = embedded_default(cfg)
     init_ray(cfg.ray)
+    stop_on_sigterm()  # ray.init replaced our SIGTERM handler with its own
     marks = f"{cfg.workdir.rstrip('/')}/.stages"
     done: dict[str, str] = {}
     timings = []
