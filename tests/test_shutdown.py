@@ -23,21 +23,19 @@ CRASH_MARKS = ("*** SIGTERM received", "*** SIGABRT received", "Aborted", "core 
                "Check failed", "Traceback (most recent call last)")
 
 
-@pytest.fixture(scope="module")
-def slow_model_dir(tmp_path_factory):
-    """A GPT-2 large enough that a long reply takes seconds on this CPU (so it is still being
-    generated when the signal comes), whose special tokens are never likely (so the reply
-    runs to max_tokens): a constant ln_f bias b and special-token rows -b*10/|b|^2 give those
-    tokens a logit of -10 whatever the input (the layer-normed part sums to 0 against b)."""
+def build_never_ending_model(out_dir: str, n_layer: int = 8, n_embd: int = 256, n_positions: int = 1024) -> str:
+    """A GPT-2 whose special tokens are never likely, so a sampled reply runs to max_tokens:
+    a constant ln_f bias b and special-token rows -b*10/|b|^2 give those tokens a logit of
+    -10 whatever the input (the layer-normed part sums to 0 against b). At the default size
+    a long reply takes seconds on this CPU."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from zhchat.dialogue import SPECIAL_TOKENS
 
-    d = str(tmp_path_factory.mktemp("slow_model"))
-    tok = build_tiny_tokenizer(d)
+    tok = build_tiny_tokenizer(out_dir)
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=256, n_layer=8, n_head=4,
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=4,
                      tie_word_embeddings=False, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.eos_token_id)
     model = GPT2LMHeadModel(cfg)
@@ -46,9 +44,15 @@ def slow_model_dir(tmp_path_factory):
         model.transformer.ln_f.bias.fill_(1.0)
         for t in SPECIAL_TOKENS:
             model.lm_head.weight[tok.convert_tokens_to_ids(t)] = -10.0 / cfg.n_embd
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def slow_model_dir(tmp_path_factory):
+    """Still generating when the signal comes: a long reply takes seconds."""
+    return build_never_ending_model(str(tmp_path_factory.mktemp("slow_model")))
 
 
 def _start(cmd: list[str], cwd) -> tuple[subprocess.Popen, list[str]]:

@@ -1,5 +1,6 @@
 """The chat page in headless Chromium, driven over the DevTools protocol (websockets):
-type a message, see a streamed reply; ask for too many tokens, see the server's error."""
+type a message, see the reply grow while it streams; ask for too many tokens, see the
+server's error."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import urllib.request
 import pytest
 
 from conftest import free_port
+from test_shutdown import build_never_ending_model
 from zhchat.config import GenerationDefaults, ServeConfig
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -58,12 +60,15 @@ class DevTools:
 
 
 @pytest.fixture(scope="module")
-def page_url(ray_cluster, tiny_model_dir):
+def page_url(ray_cluster, tmp_path_factory):
     from ray import serve
 
     from services import launch
 
-    cfg = ServeConfig(model=tiny_model_dir, port=free_port(), max_replicas=1, ingress_cpus=0.1,
+    # A reply of 64 tokens takes about a second here and never ends early; the server sends
+    # what it has every 20 ms: the page must show the text growing over that second.
+    model = build_never_ending_model(str(tmp_path_factory.mktemp("web_model")), n_positions=256)
+    cfg = ServeConfig(model=model, port=free_port(), max_replicas=1, ingress_cpus=0.1, stream_interval_ms=20,
                       generation=GenerationDefaults(max_tokens=16, max_tokens_cap=100))
     url = launch.start(cfg, name="web", route_prefix="/web")
     yield url + "/"
@@ -101,10 +106,11 @@ def send(tools: DevTools, text: str) -> None:
 def test_message_gets_a_streamed_reply(page_url, browser):
     browser.call("Page.navigate", url=page_url)
     browser.wait("document.readyState === 'complete' && !!document.getElementById('input')")
-    # Count how many times the reply text grows while it streams.
-    browser.js("window.__growth = 0; new MutationObserver(() => window.__growth++)"
+    # Record the reply's length, with the time, each time the page changes it.
+    browser.js("window.__sizes = []; new MutationObserver(() => { const r = document.querySelector('.msg.assistant');"
+               " if (r) window.__sizes.push([performance.now(), r.textContent.length]); })"
                ".observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true}); true")
-    browser.js("document.getElementById('temperature').value = '1.5'; true")  # the tiny model: non-empty replies
+    browser.js("document.getElementById('max_tokens').value = '64'; true")
     send(browser, "你好")
     browser.wait("document.querySelector('.msg.assistant[data-state=done]') !== null")
     reply = browser.js("document.querySelector('.msg.assistant').textContent")
@@ -112,7 +118,11 @@ def test_message_gets_a_streamed_reply(page_url, browser):
     assert user == "你好"
     assert reply and "\ufffd" not in reply
     assert browser.js("document.querySelectorAll('.msg.error').length") == 0
-    assert browser.js("window.__growth") >= 3  # user bubble, reply bubble, then streamed text
+    # Streamed: the text grew in many steps spread over the reply's time, not in one piece.
+    sizes = [(t, n) for t, n in browser.js("window.__sizes") if n > 0]
+    steps = [sizes[0]] + [b for a, b in zip(sizes, sizes[1:]) if b[1] > a[1]]
+    assert len(steps) >= 5, sizes
+    assert steps[-1][1] == len(reply) and steps[-1][0] - steps[0][0] >= 200, steps
     # the conversation is kept: a second turn sends both earlier messages too
     send(browser, "今天天气怎么样？")
     browser.wait("document.querySelectorAll('.msg.assistant[data-state=done]').length === 2")
