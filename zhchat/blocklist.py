@@ -2,13 +2,15 @@
 
 File format: one entry per line; `re:` starts a regular expression; `#` starts a comment
 line; blank lines are ignored. Words match case-insensitively after NFKC normalisation,
-so full-width and half-width spellings are the same word.
+so full-width and half-width spellings are the same word. Words are found with the same
+Aho-Corasick matcher (zhchat/wordmatch.py) that preprocess's sensitive-word rule uses, so
+data and serving can share one list: one pass per reply whatever the list's length
+(3 us against 88 us for a per-word loop over 2,000 words, bench/wordmatch.py).
 """
 
 from __future__ import annotations
 
 import re
-import unicodedata
 from pathlib import Path
 
 # Streamed replies are released one sentence at a time when a blocklist is on, so a pattern
@@ -16,13 +18,12 @@ from pathlib import Path
 SENTENCE_END = re.compile(r"[。！？!?；;\n…~]")
 
 
-def _norm(text: str) -> str:
-    return unicodedata.normalize("NFKC", text).casefold()
-
-
 class Blocklist:
     def __init__(self, words: list[str] = (), patterns: list[str] = ()):
-        self.words = [_norm(w) for w in words if w.strip()]
+        from .wordmatch import WordMatcher
+
+        self.words = [w for w in words if w.strip()]
+        self._matcher = WordMatcher(self.words)
         self.patterns = []
         for p in patterns:
             try:
@@ -59,10 +60,9 @@ class Blocklist:
         """The first entry found in text (for the log), or None."""
         if not text:
             return None
-        low = _norm(text)
-        for w in self.words:
-            if w in low:
-                return w
+        word = self._matcher.find(text)
+        if word is not None:
+            return word
         for p in self.patterns:
             if p.search(text):
                 return "re:" + p.pattern
