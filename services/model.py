@@ -225,8 +225,10 @@ class ChatModel:
                 "blocklist": bool(self.blocklist)}
 
     async def check_health(self) -> None:
-        """Serve calls this periodically; raising makes it replace the replica."""
-        await asyncio.to_thread(self.engine.check_health, self.cfg.health_check_timeout_s / 2)
+        """Serve calls this periodically; raising makes it replace the replica. A liveness
+        probe that does not queue behind user requests (EngineClient.check_alive): a replica
+        busy with a full batch and a long queue must not be killed as unhealthy."""
+        await asyncio.to_thread(self.engine.check_alive, self.cfg.health_check_timeout_s / 2)
 
 
 async def _merge(streams: list[AsyncIterator[dict]]) -> AsyncIterator[dict]:

@@ -183,8 +183,18 @@ class EngineClient(abc.ABC):
         """Reply text for each conversation (each ends with a user message)."""
         return [c.text for c in self.chat_completions(conversations, params)]
 
+    def check_alive(self, timeout_s: float = 10.0) -> None:
+        """Raise EngineError unless the engine is alive and making progress, without queueing
+        behind user requests: Serve's periodic health check calls this, and a replica busy
+        with a full batch and a long queue is healthy, not one to kill. Engines override it
+        with a probe that jumps the queue; this default only reports a recorded failure."""
+        error = self.info().get("error")
+        if error:
+            raise EngineError(error)
+
     def check_health(self, timeout_s: float = 20.0) -> None:
-        """Raise EngineError unless the model can generate one token right now."""
+        """Raise EngineError unless the model can generate one token right now (a request
+        like any other: it waits its turn; for warm-up, not for periodic checks)."""
         q: queue.Queue[Delta] = queue.Queue()
         prompt = self.chat_prompt([Message("user", "你好")], 1)
         self.submit(prompt, SamplingParams(max_tokens=1, temperature=0, seed=0), q.put)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -80,6 +81,7 @@ class Engine(EngineClient):
         self._pad_id = self.fmt.eos_id
         self._cv = threading.Condition()  # its lock is an RLock
         self._inbox: Callable[[bool], None] | None = None  # see run()
+        self._beat = time.monotonic()  # when the loop last finished a step (check_alive)
         self._waiting: list[_Request] = []
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -168,8 +170,18 @@ class Engine(EngineClient):
         self._next = torch.zeros(0, dtype=torch.long, device=self.device)     # [B] token to feed
         self._pos = torch.zeros(0, dtype=torch.long, device=self.device)      # [B] its position
 
+    def check_alive(self, timeout_s: float = 10.0) -> None:
+        """Alive: no recorded failure, and with work to do, a step finished within timeout_s
+        (a forward pass that hangs fails this; a long queue does not)."""
+        if self.error:
+            raise EngineError(self.error)
+        busy = self._rows or self._waiting
+        if busy and time.monotonic() - self._beat > timeout_s:
+            raise EngineError(f"no engine step finished in {time.monotonic() - self._beat:.0f}s")
+
     def _loop(self) -> None:
         while True:
+            self._beat = time.monotonic()  # a step finished (or the loop is about to wait idle)
             if self._inbox is not None:
                 self._inbox(False)
             with self._cv:  # an RLock: the inbox may submit from inside it
@@ -178,6 +190,7 @@ class Engine(EngineClient):
                         self._cv.wait()
                     else:
                         self._inbox(True)
+                self._beat = time.monotonic()  # idle until now: not a stall
                 if self._closed:
                     self._fail(self._waiting + self._rows, "engine closed")
                     self._step_done()

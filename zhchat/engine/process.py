@@ -66,6 +66,7 @@ class EngineProcess(EngineClient):
         self._ids = itertools.count()
         self._stats: dict = {}
         self._stats_ready = threading.Condition()
+        self._stats_seq = 0  # stats answers received
         self._reader = threading.Thread(target=self._read, name="zhchat-engine-reader", daemon=True)
         self._reader.start()
 
@@ -97,13 +98,28 @@ class EngineProcess(EngineClient):
     @property
     def stats(self) -> dict:
         """The child engine's counters (a round trip; the last known ones if it is gone)."""
-        with self._stats_ready:
-            try:
-                self._send(("stats",))
-            except EngineError:
-                return dict(self._stats)
-            self._stats_ready.wait(timeout=5)
+        try:
+            return self._round_trip(5)
+        except EngineError:
             return dict(self._stats)
+
+    def _round_trip(self, timeout_s: float) -> dict:
+        """Fresh counters from the child, or EngineError. The child answers between two
+        engine steps, ahead of every queued request: a busy engine answers within a step."""
+        with self._stats_ready:
+            seen = self._stats_seq
+            self._send(("stats",))
+            if not self._stats_ready.wait_for(lambda: self._stats_seq > seen or self.error, timeout=timeout_s):
+                raise EngineError(f"the engine process did not answer within {timeout_s:.0f}s")
+            if self.error:
+                raise EngineError(self.error)
+            return dict(self._stats)
+
+    def check_alive(self, timeout_s: float = 10.0) -> None:
+        """The child is running and its loop answers (between steps, not after the queue)."""
+        if self.error or self._proc.poll() is not None:
+            raise EngineError(self.error or f"the engine process exited (code {self._proc.poll()})")
+        self._round_trip(timeout_s)
 
     def close(self) -> None:
         try:
@@ -139,6 +155,7 @@ class EngineProcess(EngineClient):
                 elif msg[0] == "stats":
                     with self._stats_ready:
                         self._stats = msg[1]
+                        self._stats_seq += 1
                         self._stats_ready.notify_all()
         except (EOFError, OSError):
             pass

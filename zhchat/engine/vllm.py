@@ -221,6 +221,16 @@ class VLLMEngine(EngineClient):
         if not self._closed:
             self._loop.call_soon_threadsafe(self._cancel, h)
 
+    def check_alive(self, timeout_s: float = 10.0) -> None:
+        """vLLM's own health check (its engine core is up), run on this engine's event loop,
+        so a loop that stopped answering fails too; neither waits behind queued requests."""
+        if self.error or self._closed or not self._thread.is_alive():
+            raise EngineError(self.error or "the vLLM engine is closed")
+        try:
+            asyncio.run_coroutine_threadsafe(self._llm.check_health(), self._loop).result(timeout=timeout_s)
+        except Exception as e:  # noqa: BLE001 - any failure of the probe is an unhealthy engine
+            raise EngineError(f"vLLM is not healthy: {type(e).__name__}: {e}") from None
+
     def info(self) -> dict:
         return {"engine": "vllm", "vllm_version": self.vllm_version, "device": str(self.device), "dtype": self.dtype,
                 "context_length": self.context_length, "vocab_size": self.vocab_size,
