@@ -132,10 +132,14 @@ class ChatModel:
         choices, sizes, err = self._prepare(req)
         if err:
             return err
+        tasks = [asyncio.ensure_future(self._generate(c)) for c in choices]
         try:
-            results = await asyncio.gather(*(self._generate(c) for c in choices))
+            results = await asyncio.gather(*tasks)
         except EngineError as e:
             return _engine_failed(e)
+        finally:  # one choice failed: the others' engine requests stop too
+            for t in tasks:
+                t.cancel()
         return {"choices": list(results), "prompt_tokens": sum(sizes)}
 
     async def stream(self, req: dict) -> AsyncIterator[dict]:
