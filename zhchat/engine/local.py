@@ -45,17 +45,8 @@ class _Request:
     reply: Reply
     row: Row
     id: int = field(default_factory=lambda: next(_ids))
-    started: bool = False
     cancelled: bool = False
     batched: bool = False  # shared a forward pass with another request
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.row.params
-
-    @property
-    def done(self) -> bool:
-        return self.reply.done
 
 
 class Engine(EngineClient):
@@ -246,8 +237,6 @@ class Engine(EngineClient):
         self.stats["prompt_tokens"] += sum(len(r.prompt) for r in reqs)
         if self._rows:  # these requests join a batch that is already decoding
             self.stats["joins"] += n
-        for r in reqs:
-            r.started = True
         if n > 1:
             self._batched(reqs)
         nxt = torch.tensor(tokens, dtype=torch.long, device=self.device)
