@@ -66,6 +66,7 @@ class _Stream:
     reply: Reply
     rid: str
     started: bool = False    # vLLM prefilled it (its first token came back)
+    batched: bool = False    # generated while another request was running (stats["batched"])
     cancelled: bool = False  # cancel() was called (from any thread)
     finished: bool = False   # its last Delta (or error) went out, or it was cancelled first
     task: asyncio.Task | None = None
@@ -137,8 +138,8 @@ class VLLMEngine(EngineClient):
         self.never_ids = list(range(len(self.tokenizer), self.vocab_size))
         self._texts = TokenTexts(self.tokenizer)
         self._open: set[_Stream] = set()  # requests the loop thread is serving
-        self.error: str | None = None
-        self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cancelled": 0}
+        self._error: str | None = None
+        self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cancelled": 0, "batched": 0}
         self._closed = False
         self._llm = None
         self._pid = os.getpid()
@@ -201,6 +202,21 @@ class VLLMEngine(EngineClient):
         self.stats = {k: 0 for k in self.stats}
 
     # -- EngineClient ----------------------------------------------------------------------------
+    @property
+    def error(self) -> str | None:
+        """Why this engine cannot generate: a failure seen by a request, or vLLM's engine
+        core gone (vLLM notices a dead engine process itself)."""
+        if self._error is None and self._llm is not None and self._llm.errored:
+            self._error = "the vLLM engine core process died"
+        return self._error
+
+    @property
+    def engine_pid(self) -> int | None:
+        """The pid of vLLM's engine core process (its model worker is a child of it)."""
+        with contextlib.suppress(Exception):
+            return self._llm.engine_core.resources.engine_manager.processes[0].pid
+        return None
+
     def submit(self, prompt: list[int], params: SamplingParams, sink: Callable[[Delta], None]) -> _Stream:
         if len(prompt) + 1 > self.context_length:
             raise PromptTooLong(f"the prompt is {len(prompt)} tokens; the context is {self.context_length}")
@@ -234,7 +250,8 @@ class VLLMEngine(EngineClient):
     def info(self) -> dict:
         return {"engine": "vllm", "vllm_version": self.vllm_version, "device": str(self.device), "dtype": self.dtype,
                 "context_length": self.context_length, "vocab_size": self.vocab_size,
-                "max_batch_size": self.max_batch_size, "error": self.error, "stats": dict(self.stats)}
+                "max_batch_size": self.max_batch_size, "error": self.error, "stats": dict(self.stats),
+                "engine_pid": self.engine_pid}
 
     def close(self) -> None:
         if self._closed:
@@ -322,6 +339,9 @@ class VLLMEngine(EngineClient):
                     h.started = True
                     self.stats["requests"] += 1
                     self.stats["prompt_tokens"] += len(h.prompt)
+                if not h.batched and any(o is not h and o.started and not o.done for o in self._open):
+                    h.batched = True  # vLLM's scheduler runs every open request in one step
+                    self.stats["batched"] += 1
                 o = out.outputs[0]
                 for j, token in enumerate(o.token_ids):
                     if h.cancelled or h.finished:
@@ -345,8 +365,8 @@ class VLLMEngine(EngineClient):
         except Exception as e:
             msg = f"{type(e).__name__}: {e}"
             if llm.errored:
-                self.error = f"the vLLM engine failed: {msg}"
-            self._fail(h, self.error or msg)
+                self._error = f"the vLLM engine failed: {msg}"
+            self._fail(h, self._error or msg)
         finally:
             self._open.discard(h)
             # Ends the request in vLLM if it is still running there (a stop string, a cancel).

@@ -116,7 +116,7 @@ class ZhchatLogitsProcessor(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
             return logits
-        # The zhchat Engine's order (zhchat/generation.py: _sample): penalties on the
+        # The zhchat Engine's order (zhchat/engine/sampler.py): penalties on the
         # reply's tokens, logit_bias, never-sampled tokens, n-gram bans. Index lists over the
         # tokens each row has used, not whole-vocabulary masks.
         rows, cols, rep, minus = [], [], [], []
