@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from zhchat.config import RunConfig, is_uri
+from zhchat.config import RunConfig
 from zhchat.dialogue import IGNORE_INDEX
 from zhchat.report import kv_table, say
 
@@ -363,17 +363,16 @@ def _save_report(ckpt: str, report: dict, samples: Sequence[dict]) -> str:
     """Writes eval_report.json/.md and, from report["by_turn"], turn_metrics.png beside them
     (report["turn_metrics_png"]: its path, None when there was nothing to draw)."""
     from pipelines.turn_metrics import TURN_PNG, write_turn_plot
-    from zhchat.storage import write_text
+    from zhchat.storage import join, write_text
 
-    sep = "/" if is_uri(ckpt) else os.sep
-    path = ckpt.rstrip("/") + sep + REPORT_JSON
-    report["turn_metrics_png"] = (write_turn_plot(report["by_turn"], ckpt.rstrip("/") + sep + TURN_PNG,
-                                                  title="/".join(ckpt.rstrip("/").split(sep)[-2:]))
+    path = join(ckpt, REPORT_JSON)
+    title = "/".join(ckpt.rstrip("/").replace(os.sep, "/").split("/")[-2:])
+    report["turn_metrics_png"] = (write_turn_plot(report["by_turn"], join(ckpt, TURN_PNG), title=title)
                                   if report.get("by_turn") else None)
     clean = [{"context": list(s["context"]), "reference": s["reference"], "reply": s["reply"],
               "generated": bool(s["generated"])} for s in samples]
     write_text(path, json.dumps({**report, "sample_dialogues": clean}, ensure_ascii=False, indent=1, default=str))
-    write_text(ckpt.rstrip("/") + sep + REPORT_MD, markdown_report(report, clean))
+    write_text(join(ckpt, REPORT_MD), markdown_report(report, clean))
     return path
 
 

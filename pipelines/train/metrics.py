@@ -12,6 +12,7 @@ import tempfile
 import time
 
 from zhchat.config import is_uri
+from zhchat.storage import join
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tensorboard"
@@ -67,7 +68,7 @@ class MetricsLogger:
 
         fs, p = pafs.FileSystem.from_uri(self.run_dir)
         if fs.get_file_info(p + "/" + METRICS_FILE).type == pafs.FileType.File:
-            pafs.copy_files(self.run_dir.rstrip("/") + "/" + METRICS_FILE, os.path.join(self.local_dir, METRICS_FILE))
+            pafs.copy_files(join(self.run_dir, METRICS_FILE), os.path.join(self.local_dir, METRICS_FILE))
 
     def log(self, step: int, values: dict, kind: str = "train") -> None:
         row = {"step": step, "kind": kind, "time": round(time.time(), 3), **values}
