@@ -19,15 +19,13 @@ A rerun with the same input files and config finds manifest.json and skips the w
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections import Counter
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from zhchat.config import PreprocessConfig, RunConfig, is_uri
+from zhchat.config import PreprocessConfig, RunConfig
 from zhchat.report import kv_table, say, summary_table
 from zhchat.tables import DIALOGUE_SCHEMA
 from zhchat.tokenizer import tokenizer_report
@@ -295,11 +293,10 @@ def _train_words(train_dir: str):
 def _parquet(path: str):
     import pyarrow.parquet as pq
 
-    if not is_uri(path):
-        return pq.ParquetFile(path)
-    import fsspec
+    from zhchat.storage import filesystem
 
-    return pq.ParquetFile(fsspec.open(path, "rb").open())
+    fs, p = filesystem(path)
+    return pq.ParquetFile(fs.open_input_file(p))
 
 
 def _check_inputs(files: list[str]) -> int:
@@ -322,18 +319,10 @@ def _count_rows(files: list[str]) -> int:
 
 def _clear_outputs(out: str) -> None:
     """Old shards must not mix with new ones (file names are unique per write)."""
-    for part in OUTPUT_PARTS:
-        path = join(out, part)
-        if is_uri(out):
-            import fsspec
+    from zhchat.storage import remove
 
-            fs, p = fsspec.core.url_to_fs(path)
-            if fs.exists(p):
-                fs.rm(p, recursive=True)
-        elif os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
+    for part in OUTPUT_PARTS:
+        remove(join(out, part))
 
 
 def _summary(manifest: dict, out: str, skipped: bool) -> dict[str, Any]:

@@ -76,3 +76,13 @@ def local_copy(path: str) -> str:
     dst = tempfile.mkdtemp(prefix="zhchat-")
     pafs.copy_files(src, dst, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return dst
+
+
+def remove(path: str) -> None:
+    """Delete a file or a folder with everything in it; nothing if it does not exist."""
+    fs, p = filesystem(path)
+    kind = fs.get_file_info(p).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(p)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(p)
