@@ -228,3 +228,37 @@ def test_prompt_too_long_and_info(engines):
     info = v.info()
     assert info["engine"] == "vllm" and info["dtype"] == "float32" and info["error"] is None
     v.check_health()
+
+
+def test_a_dead_engine_core_fails_requests_and_health(engines):
+    """Last in the module: it kills the module's vLLM engine core (vLLM's model worker dies
+    with it), as Serve's replica test kills an engine; open requests get an error Delta and
+    the engine reports the failure."""
+    import os
+    import signal
+
+    v, _ = engines
+    pid = v.info()["engine_pid"]
+    assert pid and pid != os.getpid()
+    got: queue.Queue = queue.Queue()
+    params = SamplingParams(max_tokens=100, temperature=1.0, seed=3, logit_bias={t: -100.0 for t in v.stop_ids})
+    v.submit(_prompts(v, 100)[0], params, got.put)
+    assert got.get(timeout=30).error is None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 30
+    last = None
+    while time.time() < deadline:
+        last = got.get(timeout=30)
+        if last.error or last.finish_reason:
+            break
+    assert last is not None and last.error and not last.finish_reason
+    deadline = time.time() + 10
+    while v.error is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert v.error and v.info()["error"]
+    from zhchat.engine import EngineError
+
+    with pytest.raises(EngineError):
+        v.check_alive(timeout_s=5)
+    with pytest.raises(EngineError):
+        v.check_health(timeout_s=5)

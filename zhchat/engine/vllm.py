@@ -271,6 +271,8 @@ class VLLMEngine(EngineClient):
             self._fail(h, "engine closed")
         llm, self._llm = self._llm, None
         if llm is not None:
+            if llm.output_handler is not None:  # else it logs the engine core's exit as a failure
+                llm.output_handler.cancel()
             llm.shutdown()
 
     def __del__(self):  # an engine dropped without close() must not leave vLLM's processes
