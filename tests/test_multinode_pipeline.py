@@ -239,8 +239,13 @@ def _child(tmp: str) -> None:
             "workdir": os.path.join(tmp, "work"),
             "ray": {"include_dashboard": False},
             "ingest": {"inputs": [os.path.join(tmp, "corpus")]},
+            # The corpus draws every turn from 16 sentences (conftest.make_dialogues): the
+            # near-duplicate and repeated-turn rules would remove nearly all of it, and this
+            # test is about the cluster, not the cleaning (tests/test_dedup.py is).
             "preprocess": {"tokenizer": {"vocab_size": 400}, "format": {"context_length": 64},
-                           "segment": {"actors": 2}, "split": {"validation": 0.1, "test": 0.1}},
+                           "segment": {"actors": 2}, "split": {"validation": 0.1, "test": 0.1},
+                           "clean": {"near_dup": {"dialogues": False, "replies": False},
+                                     "quality": {"max_repeated_turns": None}}},
             "train": {"name": "multinode", "preset": "tiny", "max_steps": MAX_STEPS, "checkpoint_every": CHECKPOINT_EVERY,
                       "log_every": 2, "global_batch_size": GLOBAL_BATCH, "micro_batch_size": 4, "warmup_steps": 2,
                       "num_workers": 2, "min_workers": 1, "cpus_per_worker": 2, "torch_threads": 1,
