@@ -230,6 +230,26 @@ def test_prompt_too_long_and_info(engines):
     v.check_health()
 
 
+def test_engines_on_one_machine_claim_different_cpus(tmp_path):
+    """Two replicas' engines must not pin their model workers to the same CPU; claims of
+    exited processes and released ones do not count."""
+    import os
+
+    from zhchat.engine.vllm import _allowed_cpus, claim_cpus, release_cpus
+
+    path = str(tmp_path / "claims.json")
+    cpus = _allowed_cpus()
+    me = os.getpid()
+    first = claim_cpus(1, f"{me}:a", path=path)
+    second = claim_cpus(1, f"{me}:b", path=path)
+    assert first == cpus[:1]
+    if len(cpus) > 1:
+        assert second != first
+    assert claim_cpus(1, "999999999:gone", path=path)  # a pid that cannot exist
+    release_cpus(f"{me}:a", path=path)
+    assert claim_cpus(1, f"{me}:c", path=path) == first  # released, and the dead one does not count
+
+
 def test_a_dead_engine_core_fails_requests_and_health(engines):
     """Last in the module: it kills the module's vLLM engine core (vLLM's model worker dies
     with it), as Serve's replica test kills an engine; open requests get an error Delta and
