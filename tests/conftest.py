@@ -34,10 +34,12 @@ def free_port() -> int:
 
 def own_cluster_env(**extra: str) -> dict[str, str]:
     """The environment of a child process that starts a Ray cluster of its own: not this
-    session's RAY_ADDRESS, and HAProxy files and ports of its own (two HAProxies cannot
+    session's RAY_ADDRESS nor another running cluster, and HAProxy files and ports of its own (two HAProxies cannot
     bind the same ports, and this session's cluster may be serving)."""
-    env = {**os.environ, **high_throughput_serve_env(), **extra}
-    env.pop("RAY_ADDRESS", None)
+    # "local": a cluster of its own even while another test's simulated cluster
+    # (ray.cluster_utils.Cluster records itself in /tmp/ray like `ray start`) is up, which
+    # zhchat would otherwise join (zhchat.runtime.running_cluster_address).
+    env = {**os.environ, **high_throughput_serve_env(), "RAY_ADDRESS": "local", **extra}
     return env
 
 
