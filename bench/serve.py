@@ -198,13 +198,48 @@ async def client(url: str, bodies: list[dict], until: float, stats: dict, rng: r
             stats["requests"] += 1
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process and its
+    descendants: Ray, the Serve replicas, vLLM's processes, vLLM's server)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    busy = (sum(fields[:8]) - fields[3] - fields[4]) / tick  # all but idle and iowait
+    parent, used = {}, {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        rest = st[st.rindex(")") + 2:].split()
+        parent[int(pid)] = int(rest[1])
+        used[int(pid)] = (int(rest[11]) + int(rest[12])) / tick
+    me, ours = os.getpid(), 0.0
+    for pid, t in used.items():
+        p, seen = pid, 0
+        while p > 1 and p != me and seen < 64:
+            p, seen = parent.get(p, 1), seen + 1
+        if p == me:
+            ours += t
+    return busy, ours
+
+
 async def drive(url: str, bodies: list[dict], concurrency: int, seconds: float) -> dict:
     stats = {"tokens": 0, "errors": 0, "requests": 0, "ttft": [], "itl": [], "chunk_gap": []}
+    busy0, ours0 = cpu_seconds()
     t0 = time.perf_counter()
     until = t0 + seconds
     await asyncio.gather(*[client(url, bodies, until, stats, random.Random(i)) for i in range(concurrency)])
     elapsed = time.perf_counter() - t0
+    busy1, ours1 = cpu_seconds()
+    # Cores the rest of the machine used meanwhile (the machine is shared): a level measured
+    # while others ran is not comparable with one measured on a quiet machine.
+    foreign = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / elapsed
     out = {"concurrency": concurrency, "tokens_per_s": round(stats["tokens"] / elapsed, 1),
+           "foreign_cpus": round(foreign, 2), "bench_cpus": round((ours1 - ours0) / elapsed, 2),
            "requests": stats["requests"], "errors": stats["errors"],
            "ttft_p50_ms": round(pct(stats["ttft"], 50), 1), "ttft_p99_ms": round(pct(stats["ttft"], 99), 1),
            "itl_p50_ms": round(pct(stats["itl"], 50), 1), "itl_p99_ms": round(pct(stats["itl"], 99), 1),
@@ -222,7 +257,8 @@ def run_levels(label: str, url: str, bodies: list[dict], levels: list[int], seco
         results.append(r)
         print(f"  {label:>12} c={c:>3}: {r['tokens_per_s']:8.1f} tokens/s  TTFT p50 {r['ttft_p50_ms']:6.1f} ms "
               f"p99 {r['ttft_p99_ms']:6.1f} ms  ITL p50 {r['itl_p50_ms']:6.1f} ms p99 {r['itl_p99_ms']:6.1f} ms  "
-              f"chunk gap p50 {r['chunk_gap_p50_ms']:5.1f} ms  requests {r['requests']}  errors {r['errors']}",
+              f"chunk gap p50 {r['chunk_gap_p50_ms']:5.1f} ms  requests {r['requests']}  errors {r['errors']}  "
+              f"CPUs: bench {r['bench_cpus']:.2f}, others {r['foreign_cpus']:.2f}",
               file=sys.stderr, flush=True)
     return results
 
@@ -362,6 +398,8 @@ def bench_shape(shape: str, a) -> dict:
         "ttft_overhead_vs_vllm_ms": (round(at("zhchat_vllm", 1)["ttft_p50_ms"] - at("vllm_server", 1)["ttft_p50_ms"], 1)
                                      if at("zhchat_vllm", 1) and at("vllm_server", 1) else None),
         "errors": sum(r["errors"] for rs in runs.values() for r in rs),
+        # The most CPU the rest of the machine took during a level (0: a quiet machine).
+        "foreign_cpus_max": max((r["foreign_cpus"] for rs in runs.values() for r in rs), default=0.0),
         "levels": runs,
     }
     print(f"  [{shape}] " + json.dumps({k: v for k, v in out.items() if k != "levels"}), file=sys.stderr, flush=True)
@@ -394,6 +432,7 @@ def main() -> None:
     summary = {k: r[k] for k in ("speedup_c16", "ttft_overhead_ms", "vllm_ratio_c16", "ttft_overhead_vs_vllm_ms")}
     summary["errors"] = sum(x["errors"] for x in results.values())
     summary.update({"shape": main_shape, "speedup_c16_vllm_engine": r["speedup_c16_vllm_engine"],
+                    "foreign_cpus_max": r["foreign_cpus_max"],
                     "cpus": a.cpus, "max_batch_size": a.max_batch_size, "max_tokens": a.max_tokens,
                     "quick": a.quick, "shapes": results})
     print(json.dumps(summary))

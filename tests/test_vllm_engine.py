@@ -191,11 +191,20 @@ def test_cancel_ends_the_request_in_vllm(engines):
 
 
 def test_many_concurrent_requests_all_finish(engines):
-    v, _ = engines
+    """Five times the batch at once, from many threads: requests queue in vLLM, join as
+    others leave and move between rows of its persistent batch; greedy ones with penalties
+    and n-gram blocking still reply exactly as the zhchat Engine does."""
+    v, z = engines
     prompts = _prompts(v, 16)
-    n = 40  # five times the batch: requests queue in vLLM and join as others leave
+    n = 40
     done: queue.Queue = queue.Queue()
     before = v.stats["requests"]
+
+    def params(i):
+        if i % 2:
+            return SamplingParams(max_tokens=16, temperature=0.9, seed=i)
+        return SamplingParams(max_tokens=4 + i % 13, temperature=0, repetition_penalty=1.3, no_repeat_ngram_size=2,
+                              presence_penalty=0.2 * (i % 3))
 
     def sink_for(i):
         parts = []
@@ -206,17 +215,19 @@ def test_many_concurrent_requests_all_finish(engines):
                 done.put((i, d, "".join(parts)))
         return sink
 
-    threads = [threading.Thread(target=v.submit, args=(
-        prompts[i % len(prompts)], SamplingParams(max_tokens=16, temperature=0.9, seed=i), sink_for(i)))
-        for i in range(n)]
+    threads = [threading.Thread(target=v.submit, args=(prompts[i % len(prompts)], params(i), sink_for(i)))
+               for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    results = [done.get(timeout=60) for _ in range(n)]
-    assert sorted(i for i, _, _ in results) == list(range(n))
-    assert all(d.error is None and d.finish_reason in ("stop", "length") for _, d, _ in results)
+    results = {i: (d, text) for i, d, text in (done.get(timeout=60) for _ in range(n))}
+    assert sorted(results) == list(range(n))
+    assert all(d.error is None and d.finish_reason in ("stop", "length") for d, _ in results.values())
     assert v.stats["requests"] == before + n
+    greedy = [i for i in range(n) if i % 2 == 0]
+    want = z.generate([prompts[i % len(prompts)] for i in greedy], [params(i) for i in greedy])
+    assert [results[i][1] for i in greedy] == [c.text for c in want]
 
 
 def test_prompt_too_long_and_info(engines):
@@ -228,6 +239,33 @@ def test_prompt_too_long_and_info(engines):
     info = v.info()
     assert info["engine"] == "vllm" and info["dtype"] == "float32" and info["error"] is None
     v.check_health()
+
+
+def test_logits_processor_reads_the_reply_as_it_grows():
+    """The processor's row keeps vLLM's own output list and reads new tokens at apply();
+    with async scheduling (GPUs) the list ends in -1 placeholders until just before
+    sampling, and those are not tokens."""
+    import torch
+
+    from zhchat.engine.sampler import Row
+    from zhchat.engine.vllm_logits import _Row, request_args
+
+    args = request_args(repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=0.25,
+                        no_repeat_ngram_size=2)["zhchat"]
+    out: list[int] = []
+    r = _Row(args, out)
+    ref = Row(SamplingParams(no_repeat_ngram_size=2), torch.Generator())
+    for t in [5, 6, 5, -1]:
+        out.append(t)
+        r.sync()
+        if t >= 0:
+            ref.out.append(t)
+            ref.note_ngram()
+        assert r.seen == len(ref.out)
+        assert sorted(r.banned_next()) == sorted(ref.banned_next())
+    out[-1] = 6  # the placeholder is filled in: 5 6 5 6 completes the 2-gram (5, 6) again
+    r.sync()
+    assert r.seen == 4 and r.counts == {5: 2, 6: 2} and r.banned_next() == [5]
 
 
 def test_engines_on_one_machine_claim_different_cpus(tmp_path):
