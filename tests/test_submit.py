@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -20,59 +24,97 @@ pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # Not a kernel-chosen port: those come from the ephemeral range, where the suite's own Ray
+    # processes keep binding theirs, so a port free now could be taken before the head binds
+    # it (and `ray start` then exits). 20000-29999 lies between Ray's worker ports
+    # (10002-19999) and the ephemeral range; HAProxy's ports (zhchat.runtime) are drawn there
+    # too, hence the bind check.
+    rng = random.SystemRandom()
+    while True:
+        port = rng.randrange(20000, 30000)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
 
 
-@pytest.fixture(scope="module")
-def head_node(tmp_path_factory):
-    # RAY_TMPDIR/ray is where `ray start` records the cluster (ray_current_cluster): a
-    # child with RAY_TMPDIR set finds it as a command on a cluster node finds /tmp/ray.
-    tmpdir = tmp_path_factory.mktemp("rayhead")
+def _start_head(tmpdir):
+    """One `ray start --head` with ports of its own; its output goes to a log the failure shows."""
     temp = tmpdir / "ray"
     gcs, dash = _free_port(), _free_port()
     # The job agent listens on a fixed default port (52365), which the suite's own Ray cluster
     # already holds: without ports of its own this head's agent never comes up and every
-    # submission gets "No available agent to submit job".
-    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                   f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+    # submission gets "No available agent to submit job". The client server's default
+    # (10001) is taken by any other head on the machine.
+    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+             f"--ray-client-server-port={_free_port()}"]
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
-    # --block keeps `ray start` in the foreground so the whole head can be stopped by its
-    # process group (never `ray stop`: it would stop every Ray cluster on the machine).
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-         "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}",
-         *agent_ports],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
-    )
-    address = f"http://127.0.0.1:{dash}"
+    with open(tmpdir / "ray-start.log", "ab") as log:  # the child keeps its own descriptor
+        # --block keeps `ray start` in the foreground so the whole head can be stopped by its
+        # process group (never `ray stop`: it would stop every Ray cluster on the machine).
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+             "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}",
+             *ports],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+        )
+    return proc, gcs, f"http://127.0.0.1:{dash}"
+
+
+def _head_is_up(proc, address, temp, timeout_s: float) -> bool:
     import httpx
 
-    deadline = time.time() + 120
-    while time.time() < deadline:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
         try:
             # 401 is an answer too: with ~/.ray/auth_token present (any earlier ray.init()
             # writes it) the head starts with token authentication on.
             # `ray start` records the cluster (ray_current_cluster) after the dashboard is up.
             if (httpx.get(f"{address}/api/version", timeout=2).status_code in (200, 401)
                     and (temp / "ray_current_cluster").exists()):
-                break
+                return True
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("head node did not start in 120 s")
-    yield address, {"RAY_TMPDIR": str(tmpdir), "gcs": f"127.0.0.1:{gcs}"}
-    os.killpg(proc.pid, signal.SIGTERM)
+    return False
+
+
+def _stop_head(proc) -> None:
     try:
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)
-    except subprocess.TimeoutExpired:
+    except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
-    os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def head_node():
+    # RAY_TMPDIR/ray is where `ray start` records the cluster (ray_current_cluster): a
+    # child with RAY_TMPDIR set finds it as a command on a cluster node finds /tmp/ray.
+    # A short folder, not pytest's: the head's Unix sockets live under
+    # <temp>/session_<date>_<pid>/sockets/, and from pytest's tmp folder a 7-digit pid (late
+    # in a long CI run) took dash_TrainHead's path past the 107-byte limit of AF_UNIX.
+    tmpdir = Path(tempfile.mkdtemp(prefix="zh", dir="/tmp"))
+    for _attempt in range(3):  # a head that exits at once (a port taken meanwhile) gets new ports
+        proc, gcs, address = _start_head(tmpdir)
+        if _head_is_up(proc, address, tmpdir / "ray", 180):
+            break
+        _stop_head(proc)
+    else:
+        log = (tmpdir / "ray-start.log").read_text(errors="replace")
+        pytest.fail(f"head node did not start in 3 attempts; ray start printed:\n{log[-4000:]}")
+    yield address, {"RAY_TMPDIR": str(tmpdir), "gcs": f"127.0.0.1:{gcs}"}
+    _stop_head(proc)
+    shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def test_job_config_makes_local_paths_absolute(tmp_path, monkeypatch):
