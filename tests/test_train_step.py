@@ -212,6 +212,29 @@ def test_pretrained_model_saved_in_bf16_trains_in_fp32(tmp_path):
     assert {p.dtype for p in load_training_model(str(tmp_path / "bf16")).parameters()} == {torch.float32}
 
 
+def test_gpt2_gelu_runs_as_one_fused_kernel_with_the_same_outputs(tmp_path):
+    """Presets and pretrained GPT-2s ("gelu_new", six elementwise ops) train with torch's fused
+    tanh GELU: the same function, so a hub checkpoint's outputs do not change."""
+    from pipelines.train.model import FUSED_GELU, SpecialIds, build_model, load_pretrained
+    from zhchat.tokenizer import load_tokenizer
+
+    from conftest import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(str(tmp_path / "tok"))
+    assert build_model("tiny", len(tok), 16, SpecialIds.of(tok)).config.activation_function == FUSED_GELU
+    torch.manual_seed(0)
+    hub = _tiny_model(vocab=len(tok))
+    hub.config.n_positions = 16
+    assert hub.config.activation_function == "gelu_new"  # what GPT-2 checkpoints say
+    hub.save_pretrained(tmp_path / "hub")
+    tok.save_pretrained(tmp_path / "hub")
+    loaded = load_pretrained(str(tmp_path / "hub"), load_tokenizer(str(tmp_path / "hub")), 16).eval()
+    assert loaded.config.activation_function == FUSED_GELU
+    x = torch.randint(0, len(tok), (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, hub.eval()(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
 # -- RNG state -----------------------------------------------------------------------------------
 
 
