@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from zhchat import storage
 from zhchat.config import FormatConfig, is_uri
 from zhchat.dialogue import IGNORE_INDEX, DialogueFormat, messages_from_turns
 
@@ -70,10 +71,8 @@ def write_shard(table: pa.Table, folder: str, name: str) -> str:
     """Write one shard (local folder or cloud URI). Names are content hashes, so a batch
     retried after a worker failure overwrites its own file instead of adding a copy."""
     path = f"{folder.rstrip('/')}/{name}.parquet"
-    if is_uri(folder):
-        import fsspec
-
-        with fsspec.open(path, "wb") as f:
+    if is_uri(folder):  # an object store publishes the file whole on close
+        with storage.open_write(path) as f:
             pq.write_table(table, f)
         return path
     os.makedirs(folder, exist_ok=True)

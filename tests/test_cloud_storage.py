@@ -1,20 +1,19 @@
 """`zhchat run` with its workdir in object storage: a real S3 API (moto's server) and a real
 GCS JSON API (gcp-storage-emulator) on 127.0.0.1, reached through the clients a cluster uses
-(pyarrow's S3FileSystem/GcsFileSystem for Ray Data and Ray Train, s3fs/gcsfs for fsspec).
+(pyarrow's S3FileSystem/GcsFileSystem, which Ray Data, Ray Train and zhchat.storage all use).
 The config names plain s3:// and gs:// URIs, as it would on a cluster; only the environment
 differs from the clouds, through variables each client honours:
 - S3: AWS_ENDPOINT_URL, test keys.
-- GCS: CLOUD_STORAGE_EMULATOR_ENDPOINT (pyarrow's GCS client), STORAGE_EMULATOR_HOST (gcsfs);
-  pyarrow still asks Google's OAuth endpoint for a token, which cannot run here, so the test
-  serves one on loopback and points application-default credentials at it; gcsfs is told
-  to go anonymous (FSSPEC_GS_TOKEN), as its docs say for the emulator, and not to probe for
-  zonal buckets over gRPC, which the emulator does not speak.
+- GCS: CLOUD_STORAGE_EMULATOR_ENDPOINT (pyarrow's GCS client); pyarrow still asks Google's
+  OAuth endpoint for a token, which cannot run here, so the test serves one on loopback and
+  points application-default credentials at it.
 The run is a subprocess that starts its own local Ray cluster, so every Ray worker inherits
 the environment."""
 
 from __future__ import annotations
 
 import functools
+import gzip
 import json
 import os
 import subprocess
@@ -23,6 +22,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import own_cluster_env
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +32,8 @@ BUCKET = "zhchat-test-bucket"
 class Store:
     """An object store on loopback: the env a run needs, and its keys and bytes as the store has them."""
 
-    def __init__(self, scheme, env, keys, get):
-        self.scheme, self.env, self.keys, self.get = scheme, env, keys, get
+    def __init__(self, scheme, env, keys, get, put):
+        self.scheme, self.env, self.keys, self.get, self.put = scheme, env, keys, get, put
 
 
 def _s3():
@@ -56,7 +56,10 @@ def _s3():
     def get(key):
         return client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
 
-    return Store("s3", env, keys, get), server.stop
+    def put(key, data):
+        client.put_object(Bucket=BUCKET, Key=key, Body=data)
+
+    return Store("s3", env, keys, get, put), server.stop
 
 
 class _TokenHandler(BaseHTTPRequestHandler):
@@ -98,10 +101,8 @@ def _gcs(tmp_path):
                                "refresh_token": "test",
                                "token_uri": f"http://127.0.0.1:{token.server_address[1]}/token"}))
     endpoint = f"http://127.0.0.1:{port}"
-    env = {"CLOUD_STORAGE_EMULATOR_ENDPOINT": endpoint, "STORAGE_EMULATOR_HOST": endpoint,
-           "GOOGLE_APPLICATION_CREDENTIALS": str(adc), "FSSPEC_GS_TOKEN": "anon", "GOOGLE_CLOUD_PROJECT": "test",
-           # gcsfs's zonal/HNS probe is a gRPC call the emulator lacks (60 s timeout per bucket)
-           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    env = {"CLOUD_STORAGE_EMULATOR_ENDPOINT": endpoint, "GOOGLE_APPLICATION_CREDENTIALS": str(adc),
+           "GOOGLE_CLOUD_PROJECT": "test"}
     client = storage.Client(project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": endpoint})
     bucket = client.bucket(BUCKET)
 
@@ -111,11 +112,14 @@ def _gcs(tmp_path):
     def get(key):
         return bucket.blob(key).download_as_bytes()
 
+    def put(key, data):
+        bucket.blob(key).upload_from_string(data)
+
     def stop():
         token.shutdown()
         server.shutdown()
 
-    return Store("gs", env, keys, get), stop
+    return Store("gs", env, keys, get, put), stop
 
 
 @pytest.fixture(params=["s3", "gs"])
@@ -127,14 +131,32 @@ def store(request, tmp_path):
 
 def _run(cfg, store):
     return subprocess.run([sys.executable, "-m", "zhchat.cli", "run", str(cfg), "--no-serve"],
-                          env={**os.environ, **store.env}, cwd=cfg.parent, capture_output=True, text=True,
+                          env=own_cluster_env(**store.env), cwd=cfg.parent, capture_output=True, text=True,
                           timeout=900)
 
 
 def test_run_with_workdir_in_object_storage(store, tmp_path):
+    # The inputs live in the store too: the bundled samples in a folder (the Douban one
+    # gzipped), a hidden file that ingest must skip, and a JSON-lines file over chunk_mb that
+    # is cut into two byte ranges, the second read from its offset by a ranged request.
+    from zhchat.run import sample_files
+
+    def stored_name(path):
+        name = os.path.basename(path)
+        return f"{name}.gz" if name.startswith("douban") else name
+
+    for path in sample_files():
+        data = open(path, "rb").read()
+        store.put(f"in/{stored_name(path)}", gzip.compress(data) if stored_name(path).endswith(".gz") else data)
+    lccc = [p for p in sample_files() if p.endswith("lccc_sample.jsonl")][0]
+    lines = open(lccc, "rb").read()
+    big = lines * (((1 << 20) // len(lines)) + 1)  # just over 1 MiB
+    store.put("in/more/lccc_big.jsonl", big)
+    store.put("in/.hidden/notes.txt", b"not a corpus")
     cfg = tmp_path / "cloud.yaml"
     cfg.write_text(
         f"workdir: {store.scheme}://{BUCKET}/w\n"
+        f"ingest: {{inputs: ['{store.scheme}://{BUCKET}/in'], chunk_mb: 1}}\n"
         "ray: {num_cpus: 2}\n"
         "train: {preset: tiny, max_steps: 6, checkpoint_every: 6, global_batch_size: 8, micro_batch_size: 8,"
         " cpus_per_worker: 1}\n"
@@ -148,6 +170,15 @@ def test_run_with_workdir_in_object_storage(store, tmp_path):
         assert f"w/.stages/{stage}.json" in keys
     assert "w/data/tokenizer/tokenizer.json" in keys and "w/data/manifest.json" in keys
     assert any(k.startswith("w/ingest/dialogues/") and k.endswith(".parquet") for k in keys)
+    ingest = json.loads(store.get("w/ingest/summary.json"))
+    assert sorted(ingest["files"]) == sorted(
+        [f"{store.scheme}://{BUCKET}/in/{stored_name(p)}" for p in sample_files()]
+        + [f"{store.scheme}://{BUCKET}/in/more/lccc_big.jsonl"])
+    split = ingest["files"][f"{store.scheme}://{BUCKET}/in/more/lccc_big.jsonl"]
+    assert split["chunks"] == 2 and split["read"] == big.count(b"\n")
+    whole = ingest["files"][f"{store.scheme}://{BUCKET}/in/lccc_sample.jsonl"]
+    assert split["kept"] == whole["kept"] * (len(big) // len(lines))
+    assert ingest["totals"]["kept"] > 0 and ingest["totals"]["read"] == sum(f["read"] for f in ingest["files"].values())
     assert any(k.startswith("w/data/tokens/train/") and k.endswith(".parquet") for k in keys)
     ckpt = [k for k in keys if k.endswith("/model.safetensors")]
     assert ckpt and any(k.endswith("/loss_curve.png") for k in keys)

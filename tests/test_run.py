@@ -98,7 +98,7 @@ def test_run_embedded_default_end_to_end_then_skip(ray_cluster, tmp_path, capsys
 
 def test_run_with_every_path_a_uri(ray_cluster, tmp_path, monkeypatch, capsys):
     """The same run with the workdir given as a file:// URI, so that every stage takes its
-    cloud-storage path (pyarrow / fsspec filesystems, Ray Data and Ray Train on a URI)
+    cloud-storage path (pyarrow filesystems, Ray Data and Ray Train on a URI)
     against a real filesystem (S3 and GCS APIs on loopback: tests/test_cloud_storage.py).
     Nothing may land in a local folder named after the URI."""
     monkeypatch.chdir(tmp_path)

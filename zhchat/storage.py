@@ -6,8 +6,10 @@ so credentials configured for them work here too.
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
+from typing import BinaryIO
 
 import pyarrow.fs as pafs
 
@@ -57,13 +59,67 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts]) if is_uri(base) else os.path.join(base, *parts)
 
 
-def list_files(folder: str) -> list[str]:
-    """The files directly in a folder (paths or URIs like `folder`), sorted; [] if it is missing."""
+def is_dir(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type == pafs.FileType.Directory
+
+
+def size(path: str) -> int:
+    fs, p = filesystem(path)
+    info = fs.get_file_info(p)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"not a file: {path}")
+    return int(info.size)
+
+
+def list_files(folder: str, recursive: bool = False) -> list[str]:
+    """The files in a folder (directly in it, or at any depth), as paths or URIs like
+    `folder`, sorted; [] if it is missing."""
     fs, p = filesystem(folder)
     if fs.get_file_info(p).type != pafs.FileType.Directory:
         return []
-    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
-    return sorted(join(folder, posixpath.basename(i.path)) for i in infos if i.type == pafs.FileType.File)
+    base = p.rstrip("/")
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=recursive))
+    rel = (i.path[len(base):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+    return sorted(join(folder, *r.split("/")) for r in rel)
+
+
+def open_read(path: str) -> BinaryIO:
+    """A buffered, seekable binary reader (ranged reads on object stores)."""
+    if not is_uri(path):
+        return open(os.path.expanduser(path), "rb")  # the caller closes it
+    fs, p = filesystem(path)
+    return io.BufferedReader(fs.open_input_file(p), 1 << 20)
+
+
+def open_write(path: str) -> BinaryIO:
+    """A binary writer, its folder made first. Object stores publish the file on close."""
+    fs, p = filesystem(path)
+    fs.create_dir(posixpath.dirname(p), recursive=True)
+    return fs.open_output_stream(p)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def move_folder(src: str, dst: str) -> None:
+    """Move every file under src to the same place under dst (object stores have no folders
+    to rename: file by file there, one rename locally)."""
+    if not is_uri(src):
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        os.replace(src, dst)
+        return
+    fs, p = filesystem(src)
+    _, q = filesystem(dst)
+    base = p.rstrip("/")
+    for info in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
+        if info.type == pafs.FileType.File:
+            to = f"{q.rstrip('/')}/{info.path[len(base):].lstrip('/')}"
+            fs.create_dir(posixpath.dirname(to), recursive=True)
+            fs.move(info.path, to)
 
 
 def local_copy(path: str) -> str:

@@ -15,8 +15,7 @@ from collections import Counter
 import zlib
 from typing import Any
 
-import fsspec
-
+from zhchat import storage
 from zhchat.config import RunConfig
 from zhchat.report import say, summary_table
 
@@ -115,8 +114,7 @@ def run_ingest(cfg: RunConfig, args: Any = None) -> dict:
         "files": files, "totals": totals, "chunks": len(chunks),
         "seconds": round(time.time() - t0, 2),
     }
-    with fsspec.open(f"{out}/summary.json", "w", encoding="utf-8") as f:
-        json.dump(summary, f, ensure_ascii=False, indent=2)
+    storage.write_text(f"{out}/summary.json", json.dumps(summary, ensure_ascii=False, indent=2))
 
     rows = [(display_path(p), f["format"] or "?", f["chosen"], f["read"], f["kept"], f["skipped"], f["quarantined"])
             for p, f in list(files.items())[:MAX_LISTED]]

@@ -16,9 +16,9 @@ import os
 import zlib
 from typing import Any, BinaryIO, Iterator
 
-import fsspec
 import ijson
 
+from zhchat import storage
 from zhchat.tables import dialogue_row, quarantine_row
 
 from . import readers
@@ -38,16 +38,6 @@ Result = tuple[str, Any]
 
 # ---- finding and opening files ----------------------------------------------------------
 
-def _url(fs, path: str) -> str:
-    """The path a worker opens: plain for local files, protocol-qualified otherwise."""
-    return path if "file" in _protocols(fs) else fs.unstrip_protocol(path)
-
-
-def _protocols(fs) -> tuple[str, ...]:
-    p = fs.protocol
-    return (p,) if isinstance(p, str) else tuple(p)
-
-
 def list_files(inputs: list[str]) -> list[str]:
     """Every file under the inputs, folders walked recursively, hidden files skipped.
 
@@ -56,30 +46,32 @@ def list_files(inputs: list[str]) -> list[str]:
     """
     found: list[str] = []
     for given in inputs:
-        fs, root = fsspec.core.url_to_fs(given)
-        if not fs.exists(root):
-            raise FileNotFoundError(f"input does not exist: {given}")
-        if fs.isdir(root):
-            base = root.rstrip("/")
-            for p in sorted(fs.find(root, withdirs=False)):
-                rel = p[len(base):].lstrip("/")
-                if any(part.startswith(".") for part in rel.split("/")):
-                    continue
-                found.append(_url(fs, p))
+        if storage.is_dir(given):
+            base = given.rstrip("/")
+            for p in storage.list_files(given, recursive=True):
+                rel = p[len(base):].lstrip("/").replace(os.sep, "/")
+                if not any(part.startswith(".") for part in rel.split("/")):
+                    found.append(p)
+        elif storage.exists(given):
+            found.append(given)
         else:
-            found.append(_url(fs, root))
+            raise FileNotFoundError(f"input does not exist: {given}")
     seen: set[str] = set()
     return [p for p in found if not (p in seen or seen.add(p))]
 
 
 def is_gzip(path: str) -> bool:
-    with fsspec.open(path, "rb") as f:
+    with storage.open_read(path) as f:
         return f.read(2) == GZIP_MAGIC
 
 
 def open_binary(path: str, compressed: bool) -> BinaryIO:
-    f = fsspec.open(path, "rb").open()
-    return gzip.GzipFile(fileobj=f, mode="rb") if compressed else f
+    f = storage.open_read(path)
+    if not compressed:
+        return f
+    gz = gzip.GzipFile(fileobj=f, mode="rb")
+    gz.myfileobj = f  # what gzip.open(filename) sets so that close() closes the file too
+    return gz
 
 
 def read_head(path: str, n: int = 65536) -> tuple[bytes, bool, bool]:
@@ -100,11 +92,6 @@ def read_head(path: str, n: int = 65536) -> tuple[bytes, bool, bool]:
                 raise
     head = b"".join(parts)
     return head[:n], len(head) <= n, compressed
-
-
-def file_size(path: str) -> int:
-    fs, p = fsspec.core.url_to_fs(path)
-    return int(fs.size(p))
 
 
 # ---- splitting into chunks --------------------------------------------------------------
@@ -157,7 +144,7 @@ def split_file(path: str, fmt: str, layout: str, chunk_bytes: int, compressed: b
     One sequential pass counting newlines at C speed gives each chunk's first line number;
     memory stays at one piece (8 MB) whatever the file size.
     """
-    size = file_size(path)
+    size = storage.size(path)
     if compressed or layout in ("json", "whole") or size <= chunk_bytes:
         return [make_chunk(path, fmt, layout, compressed, size=size)]
     blocks = layout == "blocks"

@@ -17,10 +17,10 @@ import json
 from collections import Counter
 from typing import Iterator
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from zhchat import storage
 from zhchat.tables import DIALOGUE_SCHEMA, QUARANTINE_SCHEMA
 
 from .chunks import pack_chunks, read_chunk
@@ -45,7 +45,7 @@ class _SideWriter:
         if not self.rows:
             return
         if self.writer is None:
-            self.file = fsspec.open(self.path, "wb", auto_mkdir=True).open()
+            self.file = storage.open_write(self.path)
             self.writer = pq.ParquetWriter(self.file, QUARANTINE_SCHEMA)
         self.writer.write_table(pa.Table.from_pylist(self.rows, schema=QUARANTINE_SCHEMA))
         self.rows = []
@@ -88,8 +88,8 @@ def parse_chunks(chunks: list[dict], name: str, side: str | None = None,
     finally:
         bad.close()
     if side:
-        with fsspec.open(f"{side}/stats/{name}.json", "w", auto_mkdir=True) as f:
-            json.dump(stats, f, ensure_ascii=False)
+        with storage.open_write(f"{side}/stats/{name}.json") as f:
+            f.write(json.dumps(stats, ensure_ascii=False).encode("utf-8"))
 
 
 def parse_units(batch: pa.Table, side: str) -> Iterator[pa.Table]:
@@ -98,24 +98,15 @@ def parse_units(batch: pa.Table, side: str) -> Iterator[pa.Table]:
         yield from parse_chunks(json.loads(unit["chunks"]), f"unit-{unit['index']:06d}", side)
 
 
-def _remove(path: str) -> None:
-    fs, p = fsspec.core.url_to_fs(path)
-    if fs.exists(p):
-        fs.rm(p, recursive=True)
-
-
 def _parquet_files(path: str) -> list[str]:
-    fs, p = fsspec.core.url_to_fs(path)
-    return [f for f in fs.find(p) if f.endswith(".parquet")] if fs.exists(p) else []
+    return [f for f in storage.list_files(path, recursive=True) if f.endswith(".parquet")]
 
 
 def _ensure_table(path: str, schema: pa.Schema) -> None:
     """An empty table still gets one (empty) file, so readers find the schema."""
     if _parquet_files(path):
         return
-    fs, p = fsspec.core.url_to_fs(path)
-    fs.makedirs(p, exist_ok=True)
-    with fs.open(f"{p.rstrip('/')}/empty.parquet", "wb") as f:
+    with storage.open_write(storage.join(path, "empty.parquet")) as f:
         pq.write_table(schema.empty_table(), f)
 
 
@@ -143,7 +134,7 @@ def run_job(chunks: list[dict], out: str, chunk_bytes: int = 32 << 20) -> dict[s
     out = out.rstrip("/")
     side, dialogues, quarantine = f"{out}/.side", f"{out}/dialogues", f"{out}/quarantine"
     for p in (side, dialogues, quarantine):
-        _remove(p)
+        storage.remove(p)
     units = [{"index": i, "chunks": json.dumps(u)} for i, u in enumerate(pack_chunks(chunks, chunk_bytes))]
 
     # One block per task unit, so units are parsed in parallel, one per task at a time.
@@ -153,14 +144,12 @@ def run_job(chunks: list[dict], out: str, chunk_bytes: int = 32 << 20) -> dict[s
 
     if _parquet_files(f"{side}/quarantine"):
         # Already Parquet with QUARANTINE_SCHEMA, one file per task: moved, not rewritten.
-        fs, p = fsspec.core.url_to_fs(f"{side}/quarantine")
-        fs.mv(p, fsspec.core.url_to_fs(quarantine)[1], recursive=True)
+        storage.move_folder(f"{side}/quarantine", quarantine)
     _ensure_table(dialogues, DIALOGUE_SCHEMA)
     _ensure_table(quarantine, QUARANTINE_SCHEMA)
 
-    fs, p = fsspec.core.url_to_fs(f"{side}/stats")
-    stats = [s for f in sorted(fs.find(p)) for s in json.loads(fs.cat_file(f))] if fs.exists(p) else []
+    stats = [s for f in storage.list_files(f"{side}/stats") for s in json.loads(storage.read_bytes(f))]
     if len(stats) != len(chunks):  # a task that died for good fails the Ray job before this
         raise RuntimeError(f"ingest: {len(chunks) - len(stats)} of {len(chunks)} chunks left no counts in {side}/stats")
-    _remove(side)
+    storage.remove(side)
     return _merge_counts(stats)
