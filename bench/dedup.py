@@ -229,15 +229,24 @@ def dedup_stage(folder: Path, out: Path, chars: int) -> dict:
             "partitions": parts}
 
 
+CLUSTER = {"object_store_mb": None, "shuffle": None}  # set from the command line
+
+
 def fresh_cluster(fn, *args):
     """fn(*args) on a new 2-CPU local cluster set up as bench/preprocess.py's (same warm-up)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    store = CLUSTER["object_store_mb"]
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+             object_store_memory=store << 20 if store else None)
     try:
+        from ray.data.context import ShuffleStrategy
+
         from zhchat.runtime import configure_data
 
         configure_data()
+        if CLUSTER["shuffle"] == "sort":
+            ray.data.DataContext.get_current().shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
         ray.data.DataContext.get_current().enable_progress_bars = False
         ray.data.range(16, override_num_blocks=4).map_batches(lambda b: b, num_cpus=0.5).count()
         return fn(*args)
@@ -260,8 +269,13 @@ def main() -> None:
     ap.add_argument("--mb", type=float, help="corpus size in MB of UTF-8 text (default 30, --quick 3)")
     ap.add_argument("--workdir", help="where to put the corpus (default: a temporary folder, removed)")
     ap.add_argument("--growth", action="store_true", help="also run a corpus twice the size and report the "
-                    "peak memory of both (the tagged result is materialised: it grows until Ray spills it)")
+                    "peak memory of both (summed PSS of every Ray process: the object store's pages count in the "
+                    "workers that map them)")
+    ap.add_argument("--object-store-mb", type=int, help="cap the object store (Ray spills above it)")
+    ap.add_argument("--shuffle", choices=["hash", "sort"], default="hash",
+                    help="Ray Data's shuffle: hash (its default) or sort (map outputs in the object store)")
     args = ap.parse_args()
+    CLUSTER.update(object_store_mb=args.object_store_mb, shuffle=args.shuffle)
     mb = args.mb or (3.0 if args.quick else 30.0)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="zhchat-bench-dedup-"))
     try:
