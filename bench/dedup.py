@@ -212,7 +212,9 @@ def dedup_stage(folder: Path, out: Path, chars: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     files = sorted(str(p) for p in folder.glob("*.parquet"))
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    parts = max(2, min(200, rows // 50_000))  # as preprocess's _shuffle_partitions on 2 CPUs
+    from pipelines.preprocess import shuffle_partitions
+
+    parts = shuffle_partitions(rows)  # as preprocess chooses them
     sampler = bp.MemorySampler()
     idle, _ = sampler.sample()
     with sampler:

@@ -178,7 +178,7 @@ def _run(p: PreprocessConfig, files: list[str], out: str) -> tuple[dict, dict]:
     kept = cleaned.map_batches(rows_where_dropped, fn_kwargs={"dropped": False}, batch_format="pyarrow")
 
     say(f"preprocess: dedup ({p.clean.dedup})")
-    parts = _shuffle_partitions(n_read)
+    parts = shuffle_partitions(n_read)
     kept, duplicates = dedup(kept, p.clean.dedup, num_partitions=parts)
     dup_dir = join(removed_dir, "duplicates")
     duplicates.map_batches(as_removed, fn_kwargs={"reason": "duplicate"}, batch_format="pyarrow").write_parquet(dup_dir)
@@ -264,12 +264,17 @@ def _sensitive_words(clean) -> list[str] | None:
     return m.words
 
 
-def _shuffle_partitions(rows: int) -> int:
-    """Ray's default (200 hash partitions) costs minutes on small inputs; aim at ~50k rows
-    per partition, at least one per CPU, at most Ray's default."""
+ROWS_PER_PARTITION = 50_000
+
+
+def shuffle_partitions(rows: int) -> int:
+    """At most ~50k rows per shuffle partition, at least one partition per CPU. A task that
+    reduces a partition holds it whole (dedup's bucket and decide steps), so the partition
+    size, not the input size, sets their memory: a fixed count (Ray's default is 200, which
+    also costs minutes on small inputs) would grow it with the corpus."""
     from zhchat.runtime import cluster_cpus
 
-    return max(cluster_cpus(), min(200, rows // 50_000))
+    return max(cluster_cpus(), -(-rows // ROWS_PER_PARTITION))
 
 
 def _train_words(train_dir: str):

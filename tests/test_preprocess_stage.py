@@ -196,3 +196,16 @@ def test_preprocess_end_to_end(ray_cluster, tmp_path, capsys):
     assert m2["tokenizer"]["sha256"] == m["tokenizer"]["sha256"]
     assert m2["tokenizer"]["pretrained"] == str(out / "tokenizer")
     assert m2["counts"]["splits"] == c["splits"]
+
+
+def test_shuffle_partitions_bound_the_rows_each_reduce_task_holds(monkeypatch):
+    """dedup's bucket and decide steps hold one shuffle partition whole: the partition count
+    grows with the input (no fixed cap) so that their memory does not."""
+    import zhchat.runtime
+    from pipelines.preprocess import ROWS_PER_PARTITION, shuffle_partitions
+
+    monkeypatch.setattr(zhchat.runtime, "cluster_cpus", lambda: 4)
+    assert shuffle_partitions(10) == 4  # at least one per CPU
+    for rows in (93_623, 187_246, 79_000_000):
+        parts = shuffle_partitions(rows)
+        assert rows / parts <= ROWS_PER_PARTITION and rows / (parts - 1) > ROWS_PER_PARTITION
