@@ -206,6 +206,6 @@ def test_shuffle_partitions_bound_the_rows_each_reduce_task_holds(monkeypatch):
 
     monkeypatch.setattr(zhchat.runtime, "cluster_cpus", lambda: 4)
     assert shuffle_partitions(10) == 4  # at least one per CPU
-    for rows in (93_623, 187_246, 79_000_000):
+    for rows in (250_001, 1_000_000, 79_000_000):
         parts = shuffle_partitions(rows)
         assert rows / parts <= ROWS_PER_PARTITION and rows / (parts - 1) > ROWS_PER_PARTITION
