@@ -231,23 +231,19 @@ def dedup_stage(folder: Path, out: Path, chars: int) -> dict:
             "partitions": parts}
 
 
-CLUSTER = {"object_store_mb": None, "shuffle": None}  # set from the command line
-
-
-def fresh_cluster(fn, *args):
+def fresh_cluster(fn, *args, object_store_mb: int | None = None, shuffle: str = "hash"):
     """fn(*args) on a new 2-CPU local cluster set up as bench/preprocess.py's (same warm-up)."""
     import ray
 
-    store = CLUSTER["object_store_mb"]
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-             object_store_memory=store << 20 if store else None)
+             object_store_memory=object_store_mb << 20 if object_store_mb else None)
     try:
         from ray.data.context import ShuffleStrategy
 
         from zhchat.runtime import configure_data
 
         configure_data()
-        if CLUSTER["shuffle"] == "sort":
+        if shuffle == "sort":
             ray.data.DataContext.get_current().shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
         ray.data.DataContext.get_current().enable_progress_bars = False
         ray.data.range(16, override_num_blocks=4).map_batches(lambda b: b, num_cpus=0.5).count()
@@ -277,7 +273,7 @@ def main() -> None:
     ap.add_argument("--shuffle", choices=["hash", "sort"], default="hash",
                     help="Ray Data's shuffle: hash (its default) or sort (map outputs in the object store)")
     args = ap.parse_args()
-    CLUSTER.update(object_store_mb=args.object_store_mb, shuffle=args.shuffle)
+    cluster = {"object_store_mb": args.object_store_mb, "shuffle": args.shuffle}
     mb = args.mb or (3.0 if args.quick else 30.0)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="zhchat-bench-dedup-"))
     try:
@@ -289,7 +285,7 @@ def main() -> None:
 
         seg = bp.fresh_cluster_stage(work / "corpus", work / "out", corpus["chars"])
         print(f"segment stage (2 CPUs): {seg['chars_per_s']:,.0f} chars/s ({seg['seconds']} s)", flush=True)
-        dd = fresh_cluster(dedup_stage, work / "corpus", work / "out", corpus["chars"])
+        dd = fresh_cluster(dedup_stage, work / "corpus", work / "out", corpus["chars"], **cluster)
         print(f"near-duplicate stage (2 CPUs): {dd['chars_per_s']:,.0f} chars/s ({dd['seconds']} s), peak memory "
               f"{dd['peak_mb']:,} MB (idle cluster {dd['idle_mb']:,} MB)", flush=True)
         s = score(dd["removed"], corpus["cluster_of"], corpus["variants"])
@@ -301,7 +297,7 @@ def main() -> None:
         growth = {}
         if args.growth:
             big = write_corpus(work / "corpus_2x", 2 * mb, seed=8)
-            dd2 = fresh_cluster(dedup_stage, work / "corpus_2x", work / "out", big["chars"])
+            dd2 = fresh_cluster(dedup_stage, work / "corpus_2x", work / "out", big["chars"], **cluster)
             s2 = score(dd2["removed"], big["cluster_of"], big["variants"])
             growth = {"peak_mb_2x": dd2["peak_mb"], "memory_growth_2x": round(dd2["peak_mb"] / dd["peak_mb"], 3),
                       "above_idle_growth_2x": round((dd2["peak_mb"] - dd2["idle_mb"]) / max(dd["peak_mb"] - dd["idle_mb"], 1), 3),

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,39 +16,25 @@ import pyarrow.parquet as pq
 import pytest
 
 from zhchat.config import load_config
+from zhchat.runtime import unused_ports
 from zhchat.submit import job_config, submit
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    # Not a kernel-chosen port: those come from the ephemeral range, where the suite's own Ray
-    # processes keep binding theirs, so a port free now could be taken before the head binds
-    # it (and `ray start` then exits). 20000-29999 lies between Ray's worker ports
-    # (10002-19999) and the ephemeral range; HAProxy's ports (zhchat.runtime) are drawn there
-    # too, hence the bind check.
-    rng = random.SystemRandom()
-    while True:
-        port = rng.randrange(20000, 30000)
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-            return port
-
-
 def _start_head(tmpdir):
     """One `ray start --head` with ports of its own; its output goes to a log the failure shows."""
     temp = tmpdir / "ray"
-    gcs, dash = _free_port(), _free_port()
+    # Ports outside the ephemeral range, where the suite's own Ray processes keep binding
+    # theirs (a port free now could be taken before the head binds it, and `ray start` exits).
+    gcs, dash, *agent = unused_ports(7)
     # The job agent listens on a fixed default port (52365), which the suite's own Ray cluster
     # already holds: without ports of its own this head's agent never comes up and every
     # submission gets "No available agent to submit job". The client server's default
     # (10001) is taken by any other head on the machine.
-    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-             f"--ray-client-server-port={_free_port()}"]
+    names = ["dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port", "ray-client-server-port"]
+    ports = [f"--{name}={port}" for name, port in zip(names, agent)]
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     with open(tmpdir / "ray-start.log", "ab") as log:  # the child keeps its own descriptor
@@ -101,8 +85,8 @@ def head_node():
     # RAY_TMPDIR/ray is where `ray start` records the cluster (ray_current_cluster): a
     # child with RAY_TMPDIR set finds it as a command on a cluster node finds /tmp/ray.
     # A short folder, not pytest's: the head's Unix sockets live under
-    # <temp>/session_<date>_<pid>/sockets/, and from pytest's tmp folder a 7-digit pid (late
-    # in a long CI run) took dash_TrainHead's path past the 107-byte limit of AF_UNIX.
+    # <temp>/session_<date>_<pid>/sockets/, and from pytest's tmp folder (pytest-NNN once a
+    # machine has run the suite often) dash_TrainHead's path passed AF_UNIX's 107 bytes.
     tmpdir = Path(tempfile.mkdtemp(prefix="zh", dir="/tmp"))
     for _attempt in range(3):  # a head that exits at once (a port taken meanwhile) gets new ports
         proc, gcs, address = _start_head(tmpdir)

@@ -51,6 +51,33 @@ def running_cluster_address() -> str | None:
         return None
 
 
+def unused_ports(n: int) -> list[int]:
+    """n distinct ports that nothing on this machine has bound (on any interface).
+
+    Not kernel-chosen ports: those come from the ephemeral range, where Ray's own processes
+    bind theirs after this returns (its dashboard agent's 52365 was taken this way, and
+    HAProxy failed to start). Ports 20000-29999 lie above Ray's worker ports (10002-19999),
+    below Serve's direct-ingress ports (30000-31000, 40000-41000) and below Linux's
+    ephemeral range (32768-60999)."""
+    import random
+    import socket
+
+    def bindable(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))  # HAProxy and Ray listen on all interfaces
+            except OSError:
+                return False
+            return True
+
+    rng = random.SystemRandom()
+    for _ in range(100):
+        ports = rng.sample(range(20000, 30000), n)  # sample() keeps them distinct
+        if all(bindable(p) for p in ports):
+            return ports
+    raise RuntimeError(f"no {n} free ports in 20000-29999")
+
+
 def high_throughput_serve_env() -> dict[str, str]:
     """Ray's high-throughput Serve mode, as its KubeRay guide sets it: HAProxy (C) as the HTTP
     ingress in place of the Python proxy actor, handing requests straight to the ingress
@@ -61,33 +88,10 @@ def high_throughput_serve_env() -> dict[str, str]:
     8404/9101 (on all interfaces, as Ray's template has them): one set per machine. Each
     local cluster here gets its own folder and free ports, so two on one machine (the
     tests, a bench beside `zhchat serve`) do not share one HAProxy's socket or ports."""
-    import random
-    import socket
     import tempfile
 
-    def bindable(port: int) -> bool:
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port))  # HAProxy listens on all interfaces
-            except OSError:
-                return False
-            return True
-
-    def free_ports(n: int) -> list[int]:
-        # Not kernel-chosen ports: those come from the ephemeral range, where Ray's own
-        # processes bind theirs after this returns (its dashboard agent's 52365 was taken
-        # this way, and HAProxy failed to start). Ports 20000-29999 lie above Ray's worker
-        # ports (10002-19999), below Serve's direct-ingress ports (30000-31000, 40000-41000)
-        # and below Linux's ephemeral range (32768-60999). sample() keeps them distinct.
-        rng = random.SystemRandom()
-        for _ in range(100):
-            ports = rng.sample(range(20000, 30000), n)
-            if all(bindable(p) for p in ports):
-                return ports
-        raise RuntimeError("no free ports in 20000-29999 for HAProxy's stats and metrics")
-
     folder = tempfile.mkdtemp(prefix="zhchat-haproxy-")
-    stats_port, metrics_port = free_ports(2)
+    stats_port, metrics_port = unused_ports(2)
     return {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_ENABLE_HA_PROXY": "1",

@@ -99,12 +99,6 @@ def open_write(path: str) -> BinaryIO:
     return fs.open_output_stream(p)
 
 
-def read_bytes(path: str) -> bytes:
-    fs, p = filesystem(path)
-    with fs.open_input_stream(p) as f:
-        return f.read()
-
-
 def move_folder(src: str, dst: str) -> None:
     """Move every file under src to the same place under dst (object stores have no folders
     to rename: file by file there, one rename locally)."""

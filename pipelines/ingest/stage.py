@@ -148,7 +148,7 @@ def run_job(chunks: list[dict], out: str, chunk_bytes: int = 32 << 20) -> dict[s
     _ensure_table(dialogues, DIALOGUE_SCHEMA)
     _ensure_table(quarantine, QUARANTINE_SCHEMA)
 
-    stats = [s for f in storage.list_files(f"{side}/stats") for s in json.loads(storage.read_bytes(f))]
+    stats = [s for f in storage.list_files(f"{side}/stats") for s in json.loads(storage.read_text(f))]
     if len(stats) != len(chunks):  # a task that died for good fails the Ray job before this
         raise RuntimeError(f"ingest: {len(chunks) - len(stats)} of {len(chunks)} chunks left no counts in {side}/stats")
     storage.remove(side)
