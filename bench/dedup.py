@@ -201,7 +201,7 @@ def write_corpus(folder: Path, megabytes: float, seed: int, per_file: int = 8000
             "clusters": n_clusters, "variants": n_variants, "edit_kinds": edit_kinds, "cluster_of": cluster_of}
 
 
-def dedup_stage(folder: Path, out: Path, chars: int) -> dict:
+def dedup_stage(folder: Path, out: Path, chars: int, materialize: bool = False) -> dict:
     """read Parquet -> near_dedup (default config, both levels) -> write kept and removed."""
     import pyarrow.parquet as pq
     import ray
@@ -217,9 +217,11 @@ def dedup_stage(folder: Path, out: Path, chars: int) -> dict:
     parts = shuffle_partitions(rows)  # as preprocess chooses them
     sampler = bp.MemorySampler()
     idle, _ = sampler.sample()
+    idle_heap, idle_store = sampler.peak_heap, sampler.peak_object_store
     with sampler:
         t0 = time.perf_counter()
-        res = near_dedup(ray.data.read_parquet(files), NearDupConfig(), num_partitions=parts)
+        res = near_dedup(ray.data.read_parquet(files), NearDupConfig(), num_partitions=parts,
+                         scratch=None if materialize else str(out / "scratch"))  # as preprocess runs it
         res.kept.write_parquet(str(out / "kept"))
         res.removed.write_parquet(str(out / "removed"))
         seconds = time.perf_counter() - t0
@@ -228,7 +230,8 @@ def dedup_stage(folder: Path, out: Path, chars: int) -> dict:
     kept_n = sum(pq.ParquetFile(p).metadata.num_rows for p in (out / "kept").glob("*.parquet"))
     return {"chars": chars, "seconds": round(seconds, 2), "chars_per_s": chars / seconds, "stats": stats,
             "removed": removed, "kept": kept_n, "idle_mb": round(idle / 2**20), "peak_mb": round(sampler.peak / 2**20),
-            "partitions": parts}
+            "heap_above_idle_mb": round((sampler.peak_heap - idle_heap) / 2**20),
+            "object_store_above_idle_mb": round((sampler.peak_object_store - idle_store) / 2**20), "partitions": parts}
 
 
 def fresh_cluster(fn, *args, object_store_mb: int | None = None, shuffle: str = "hash"):
@@ -272,6 +275,8 @@ def main() -> None:
     ap.add_argument("--object-store-mb", type=int, help="cap the object store (Ray spills above it)")
     ap.add_argument("--shuffle", choices=["hash", "sort"], default="hash",
                     help="Ray Data's shuffle: hash (its default) or sort (map outputs in the object store)")
+    ap.add_argument("--materialize", action="store_true",
+                    help="hold the tagged result in the object store instead of a scratch Parquet folder")
     args = ap.parse_args()
     cluster = {"object_store_mb": args.object_store_mb, "shuffle": args.shuffle}
     mb = args.mb or (3.0 if args.quick else 30.0)
@@ -285,7 +290,7 @@ def main() -> None:
 
         seg = bp.fresh_cluster_stage(work / "corpus", work / "out", corpus["chars"])
         print(f"segment stage (2 CPUs): {seg['chars_per_s']:,.0f} chars/s ({seg['seconds']} s)", flush=True)
-        dd = fresh_cluster(dedup_stage, work / "corpus", work / "out", corpus["chars"], **cluster)
+        dd = fresh_cluster(dedup_stage, work / "corpus", work / "out", corpus["chars"], args.materialize, **cluster)
         print(f"near-duplicate stage (2 CPUs): {dd['chars_per_s']:,.0f} chars/s ({dd['seconds']} s), peak memory "
               f"{dd['peak_mb']:,} MB (idle cluster {dd['idle_mb']:,} MB)", flush=True)
         s = score(dd["removed"], corpus["cluster_of"], corpus["variants"])
@@ -297,14 +302,23 @@ def main() -> None:
         growth = {}
         if args.growth:
             big = write_corpus(work / "corpus_2x", 2 * mb, seed=8)
-            dd2 = fresh_cluster(dedup_stage, work / "corpus_2x", work / "out", big["chars"], **cluster)
+            dd2 = fresh_cluster(dedup_stage, work / "corpus_2x", work / "out", big["chars"], args.materialize, **cluster)
             s2 = score(dd2["removed"], big["cluster_of"], big["variants"])
             growth = {"peak_mb_2x": dd2["peak_mb"], "memory_growth_2x": round(dd2["peak_mb"] / dd["peak_mb"], 3),
                       "above_idle_growth_2x": round((dd2["peak_mb"] - dd2["idle_mb"]) / max(dd["peak_mb"] - dd["idle_mb"], 1), 3),
+                      # Heap (anonymous + file pages of every process) and the object store's
+                      # shared-memory pages, each above the idle cluster: the heap is what can
+                      # exhaust a node's memory; the store spills to disk when full.
+                      "heap_growth_2x": round(dd2["heap_above_idle_mb"] / max(dd["heap_above_idle_mb"], 1), 3),
+                      "object_store_growth_2x": round(dd2["object_store_above_idle_mb"]
+                                                      / max(dd["object_store_above_idle_mb"], 1), 3),
                       "recall_2x": round(s2["recall"], 4), "precision_2x": round(s2["precision"], 4),
                       "dedup_chars_per_s_2x": round(dd2["chars_per_s"])}
             print(f"2x corpus ({big['mb']} MB): {dd2['chars_per_s']:,.0f} chars/s, peak memory {dd2['peak_mb']:,} MB "
-                  f"(idle {dd2['idle_mb']:,} MB): {growth['memory_growth_2x']}x the 1x peak; recall "
+                  f"(idle {dd2['idle_mb']:,} MB): {growth['memory_growth_2x']}x the 1x peak; above idle, heap "
+                  f"{dd['heap_above_idle_mb']:,} -> {dd2['heap_above_idle_mb']:,} MB ({growth['heap_growth_2x']}x), "
+                  f"object store {dd['object_store_above_idle_mb']:,} -> {dd2['object_store_above_idle_mb']:,} MB "
+                  f"({growth['object_store_growth_2x']}x); recall "
                   f"{s2['recall']:.4f}, precision {s2['precision']:.4f}", flush=True)
         ratio = dd["chars_per_s"] / seg["chars_per_s"]
         print(f"recall {s['recall']:.4f} (target >= 0.95), precision {s['precision']:.4f} (>= 0.98), "
@@ -315,7 +329,8 @@ def main() -> None:
             "dedup_seconds": dd["seconds"], "segment_seconds": seg["seconds"], "planted_variants": corpus["variants"],
             "found": s["found"], "level1_removed": s["level1_removed"], "level2_removed": s["level2_removed"],
             "corpus_mb": corpus["mb"], "corpus_chars": corpus["chars"], "dialogues": corpus["dialogues"],
-            "peak_mb": dd["peak_mb"], "idle_mb": dd["idle_mb"], **growth, "quick": args.quick,
+            "peak_mb": dd["peak_mb"], "idle_mb": dd["idle_mb"], "heap_above_idle_mb": dd["heap_above_idle_mb"],
+            "object_store_above_idle_mb": dd["object_store_above_idle_mb"], "materialize": args.materialize, **growth, "quick": args.quick,
         }, ensure_ascii=False))
     finally:
         if not args.workdir:

@@ -224,33 +224,50 @@ def single_process(folder: Path) -> dict:
 
 # -- Ray stage --------------------------------------------------------------------------------
 class MemorySampler:
-    """Peak of the summed PSS of this process and all its descendants (the local Ray
-    cluster: GCS, raylet with the object store, workers, actors), sampled every 0.5 s (one
-    sample reads ~15 /proc/PID/smaps_rollup files, a few ms each: sampling faster would
-    take CPU from the stage being timed)."""
+    """Peaks of the summed PSS of this process and all its descendants (the local Ray
+    cluster: GCS, raylet with the object store, workers, actors), sampled every 0.5 s from
+    /proc/PID/smaps_rollup (a few ms each: sampling faster would take CPU from the stage
+    being timed). Besides the total it keeps the peak of each kind of page: `peak_heap`
+    (Pss_Anon + Pss_File: process heaps, libraries) and `peak_object_store` (Pss_Shmem: the
+    plasma store's pages in /dev/shm, which hold blocks in flight and materialised datasets
+    and spill to disk when the store fills, so they cannot take a machine out of memory)."""
 
     def __init__(self, interval: float = 0.5):
         import psutil
 
         self.psutil = psutil
         self.interval = interval
-        self.peak = 0
-        self.peak_workers = 0
+        self.peak = self.peak_workers = self.peak_heap = self.peak_object_store = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    @staticmethod
+    def rollup(pid: int) -> dict[str, int]:
+        """Pss, Pss_Anon, Pss_File, Pss_Shmem of one process, in bytes."""
+        out = {}
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key.startswith("Pss"):
+                    out[key] = int(rest.split()[0]) << 10
+        return out
+
     def sample(self) -> tuple[int, int]:
+        """(total, driver + Ray workers) PSS now; updates the per-kind peaks."""
         me = self.psutil.Process()
-        total = workers = 0
+        total = workers = heap = shm = 0
         for p in [me] + me.children(recursive=True):
             try:
-                mem = p.memory_full_info()
-                value = getattr(mem, "pss", mem.rss)
+                mem = self.rollup(p.pid)
+                value = mem.get("Pss", 0)
                 total += value
+                heap += mem.get("Pss_Anon", 0) + mem.get("Pss_File", 0)
+                shm += mem.get("Pss_Shmem", 0)
                 if p.pid == me.pid or "ray::" in p.name() or "default_worker" in " ".join(p.cmdline()[:3]):
                     workers += value
-            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
+            except (OSError, self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
                 continue
+        self.peak_heap, self.peak_object_store = max(self.peak_heap, heap), max(self.peak_object_store, shm)
         return total, workers
 
     def _run(self):

@@ -685,12 +685,15 @@ class NearDupResult:
         return sorted(clusters.values(), key=lambda c: -len(c["removed"]))[: self.examples]
 
 
-def near_dedup(ds, cfg, num_partitions: int | None = None) -> NearDupResult:
+def near_dedup(ds, cfg, num_partitions: int | None = None, scratch: str | None = None) -> NearDupResult:
     """Near-duplicate removal at both levels (see the module docstring); `cfg` is a
     NearDupConfig (or Params). Three steps read the input (it should be cheap to read again:
-    a Parquet read, or a map over a materialised dataset, as preprocess hands it); the tagged
-    result is materialised once (in the object store, spilling to disk as needed) because
-    kept, removed and the statistics read it."""
+    a Parquet read, or a map over a materialised dataset, as preprocess hands it). The tagged
+    result is computed once, because kept, removed and the statistics read it: written to
+    the Parquet folder `scratch` when given (local or cloud; the caller removes it), else
+    materialised in the object store. A materialised result holds the whole corpus in the
+    store's shared memory, so that memory grows with the input (bench/dedup.py --growth);
+    written out, the stage's memory is what its bounded shuffle partitions need."""
     p = cfg if isinstance(cfg, Params) else Params.of(cfg)
     examples = getattr(cfg, "examples", 3)
     levels = {"dialogues": p.dialogues, "replies": p.replies}
@@ -705,7 +708,14 @@ def near_dedup(ds, cfg, num_partitions: int | None = None) -> NearDupResult:
         attach_targets, fn_kwargs={"schema": schema}, batch_size=None, batch_format="pyarrow")
     rows = ds.map_batches(dialogue_rows, fn_kwargs={"schema": schema}, batch_format="pyarrow")
     tagged = colocate(rows.union(attached), _K, num_partitions).map_batches(
-        decide, fn_kwargs={"p": p}, batch_size=None, batch_format="pyarrow").materialize()
+        decide, fn_kwargs={"p": p}, batch_size=None, batch_format="pyarrow")
+    if scratch:
+        import ray
+
+        tagged.write_parquet(scratch)
+        tagged = ray.data.read_parquet(scratch)
+    else:
+        tagged = tagged.materialize()
     kept = tagged.map_batches(_kept_rows, batch_format="pyarrow")
     removed = tagged.map_batches(_removed_rows, batch_format="pyarrow")
     return NearDupResult(kept=kept, removed=removed, tagged=tagged, examples=examples, levels=levels)

@@ -37,7 +37,10 @@ from .manifest import (
 )
 from .tokenizer_train import build_tokenizer, save_tokenizer, words_from_batches
 
-OUTPUT_PARTS = ("removed", "segmented", "tokenizer", "tokens", MANIFEST)
+# Intermediate results a stage writes instead of holding them in the object store (the
+# near-duplicate step's tagged dialogues); removed once the segmented split is written.
+SCRATCH = "_scratch"
+OUTPUT_PARTS = ("removed", "segmented", "tokenizer", "tokens", MANIFEST, SCRATCH)
 REMOVED_SCHEMA = pa.schema([
     ("id", pa.string()), ("source", pa.string()), ("turns", pa.list_(pa.string())), ("system", pa.string()),
     ("reason", pa.string()), ("detail", pa.string()),
@@ -188,7 +191,7 @@ def _run(p: PreprocessConfig, files: list[str], out: str) -> tuple[dict, dict]:
     levels = [name for name, on in (("dialogues", nd.dialogues), ("replies", nd.replies)) if on]
     say(f"preprocess: near-duplicates ({', '.join(levels) or 'off'}; MinHash {nd.num_perm} permutations, "
         f"{nd.bands} bands, {nd.ngram}-grams, Jaccard >= {nd.threshold})")
-    near = near_dedup(kept, nd, num_partitions=parts)
+    near = near_dedup(kept, nd, num_partitions=parts, scratch=join(out, SCRATCH, "near_dup"))
     kept = near.kept
     near_stats = near.stats()
     for level, reason in (("dialogues", "near_duplicate"), ("replies", "generic_reply_cross_context")):
@@ -211,6 +214,9 @@ def _run(p: PreprocessConfig, files: list[str], out: str) -> tuple[dict, dict]:
             (seg.map_batches(rows_of_split, fn_kwargs={"split": split}, batch_format="pyarrow")
              .write_parquet(join(seg_dir, split)))
     say("preprocess: dialogues per split: " + ", ".join(f"{k} {v:,}" for k, v in split_rows.items()))
+    from zhchat.storage import remove
+
+    remove(join(out, SCRATCH))  # seg is materialised: nothing reads the scratch folder again
 
     tok = build_tokenizer(p, None if p.tokenizer.pretrained else _train_words(join(seg_dir, "train")))
     tok_dir = join(out, "tokenizer")

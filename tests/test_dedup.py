@@ -258,3 +258,33 @@ def test_near_dedup_off_and_duplicate_ids(ray_cluster):
     res = near_dedup(ds, NearDupConfig(), num_partitions=2)
     (r,) = res.removed.take_all()
     assert r["near_dup_reason"] == NEAR_DUPLICATE and r["duplicate_of"] == r["id"] and r["source"] == "y"
+
+
+def test_near_dedup_through_a_scratch_folder(ray_cluster, tmp_path):
+    """The tagged result written to a Parquet folder (as preprocess runs it, so the object
+    store does not hold the corpus) gives what the materialised one gives, read from there."""
+    import pyarrow.parquet as pq
+
+    a = ["我们明天早上八点在学校门口集合然后一起坐车去博物馆", "好的我会准时到的记得带上学生证"]
+    data = [(t, "base") for t in corpus(30, seed=5)] + [(a, "a"), (edit(a, 1), "b"), (a[::-1], "c")]
+    ds, rows = ds_of(data)
+    scratch = tmp_path / "scratch"
+    on_disk = near_dedup(ds, NearDupConfig(replies=False), num_partitions=2, scratch=str(scratch))
+    in_store = near_dedup(ds, NearDupConfig(replies=False), num_partitions=2)
+
+    def removed(res):
+        return sorted((r["id"], r["duplicate_of"], r["near_dup_reason"]) for r in res.removed.take_all())
+
+    assert removed(on_disk) == removed(in_store) and len(removed(on_disk)) == 2
+    assert sorted(r["id"] for r in on_disk.kept.take_all()) == sorted(r["id"] for r in in_store.kept.take_all())
+    a, b = on_disk.stats(), in_store.stats()
+
+    def clusters(stats):  # the order of rows inside an example cluster is the order they were read
+        return sorted((c["kept"]["id"], sorted(m["id"] for m in c["removed"])) for c in stats["dialogues"]["examples"])
+
+    assert clusters(a) == clusters(b) and len(clusters(a)) >= 1
+    assert {k: v for k, v in a["dialogues"].items() if k != "examples"} == \
+        {k: v for k, v in b["dialogues"].items() if k != "examples"} and a["replies"] == b["replies"]
+    written = pq.read_table(scratch, columns=["id", "_nd_reason"])
+    assert written.num_rows == len(rows) and sorted(written.column("id").to_pylist()) == sorted(r["id"] for r in rows)
+    assert sum(1 for x in written.column("_nd_reason").to_pylist() if x) == 2

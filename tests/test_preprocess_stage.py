@@ -166,6 +166,7 @@ def test_preprocess_end_to_end(ray_cluster, tmp_path, capsys):
         files = list((out / "segmented" / split).glob("*.parquet"))
         n = sum(pq.read_metadata(f).num_rows for f in files)
         assert n == c["splits"][split]["dialogues"]
+    assert not (out / "_scratch").exists()                  # near-dedup's scratch folder is gone once used
     seg = pq.read_table(out / "segmented" / "train")
     assert "words" in seg.column_names and "drop_reason" not in seg.column_names
 
