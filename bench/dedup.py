@@ -225,6 +225,8 @@ def dedup_stage(folder: Path, out: Path, chars: int, materialize: bool = False) 
         res.kept.write_parquet(str(out / "kept"))
         res.removed.write_parquet(str(out / "removed"))
         seconds = time.perf_counter() - t0
+    top = sorted(sampler.heap_by_process.items(), key=lambda kv: -kv[1])[:6]
+    print("heap at its peak by process: " + ", ".join(f"{k} {v / 2**20:,.0f} MB" for k, v in top), flush=True)
     stats = res.stats()
     removed = pq.read_table(out / "removed", columns=["id", "duplicate_of", "near_dup_reason"]).to_pylist()
     kept_n = sum(pq.ParquetFile(p).metadata.num_rows for p in (out / "kept").glob("*.parquet"))

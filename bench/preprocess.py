@@ -238,6 +238,7 @@ class MemorySampler:
         self.psutil = psutil
         self.interval = interval
         self.peak = self.peak_workers = self.peak_heap = self.peak_object_store = 0
+        self.heap_by_process: dict[str, int] = {}  # at the heap's peak: process title -> bytes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -256,18 +257,24 @@ class MemorySampler:
         """(total, driver + Ray workers) PSS now; updates the per-kind peaks."""
         me = self.psutil.Process()
         total = workers = heap = shm = 0
+        by_process: dict[str, int] = {}
         for p in [me] + me.children(recursive=True):
             try:
                 mem = self.rollup(p.pid)
                 value = mem.get("Pss", 0)
                 total += value
-                heap += mem.get("Pss_Anon", 0) + mem.get("Pss_File", 0)
+                own = mem.get("Pss_Anon", 0) + mem.get("Pss_File", 0)
+                heap += own
+                title = "driver" if p.pid == me.pid else (p.cmdline() or [p.name()])[0].split("/")[-1][:60]
+                by_process[title] = by_process.get(title, 0) + own
                 shm += mem.get("Pss_Shmem", 0)
                 if p.pid == me.pid or "ray::" in p.name() or "default_worker" in " ".join(p.cmdline()[:3]):
                     workers += value
             except (OSError, self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
                 continue
-        self.peak_heap, self.peak_object_store = max(self.peak_heap, heap), max(self.peak_object_store, shm)
+        if heap > self.peak_heap:
+            self.peak_heap, self.heap_by_process = heap, by_process
+        self.peak_object_store = max(self.peak_object_store, shm)
         return total, workers
 
     def _run(self):
