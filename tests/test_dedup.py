@@ -288,3 +288,27 @@ def test_near_dedup_through_a_scratch_folder(ray_cluster, tmp_path):
     written = pq.read_table(scratch, columns=["id", "_nd_reason"])
     assert written.num_rows == len(rows) and sorted(written.column("id").to_pylist()) == sorted(r["id"] for r in rows)
     assert sum(1 for x in written.column("_nd_reason").to_pylist() if x) == 2
+
+
+def test_shuffle_map_tasks_have_bounded_input(ray_cluster, monkeypatch):
+    """configure_data bounds the input of one hash-shuffle map task. At Ray's default (1 GiB)
+    a node's whole input went to one map task: near-dedup's band table in one process,
+    growing with the corpus, while the other cores idled. Ray's stats count one output
+    block per map task, so 8 input blocks over the bound give 8 map tasks, not 1."""
+    import re
+
+    import ray
+    from ray.data import DataContext
+
+    from pipelines.dedup import colocate
+    from zhchat import runtime
+
+    ctx = DataContext.get_current()
+    monkeypatch.setattr(ctx, "shuffle_input_batch_bytes", ctx.shuffle_input_batch_bytes)  # restored after
+    monkeypatch.setattr(runtime, "SHUFFLE_BATCH_BYTES", 2000)  # each 500-row block is ~4 KB
+    runtime.configure_data()
+    assert ctx.shuffle_input_batch_bytes == 2000
+    out = colocate(ray.data.range(4000, override_num_blocks=8), "id", 4).materialize()
+    assert out.count() == 4000
+    (line,) = [x for x in out.stats().splitlines() if "HashShuffleMap" in x and "blocks produced" in x]
+    assert int(re.search(r"(\d+) blocks produced", line).group(1)) == 8, line

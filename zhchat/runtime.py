@@ -108,6 +108,10 @@ def high_throughput_serve_env() -> dict[str, str]:
     }
 
 
+# Input bytes one hash-shuffle map task partitions at once (see configure_data).
+SHUFFLE_BATCH_BYTES = 64 << 20
+
+
 def configure_data() -> None:
     """Ray Data settings of this driver process (every stage calls init_ray, which calls this).
 
@@ -116,10 +120,18 @@ def configure_data() -> None:
     of CPU and ~100 MB apiece on a 2-core machine) and bin-packs files into 128 MiB read
     tasks, so a 30 MB input becomes one task and one block (nothing for a second actor to do
     downstream, and memory that grows with the input). V1 reads the footers in the driver and
-    runs one read task per file, splitting its output into blocks (bench/preprocess.py)."""
+    runs one read task per file, splitting its output into blocks (bench/preprocess.py).
+
+    The hash shuffle's map side gathers a node's input blocks until shuffle_input_batch_bytes
+    (1 GiB by default) and partitions them in one task. Near-dedup's band rows are ~8x the
+    corpus, so at the default one map task held the whole band table while the other cores
+    idled, and the stage's heap grew with the input. SHUFFLE_BATCH_BYTES bounds each map
+    task's input instead (tests/test_dedup.py)."""
     from ray.data import DataContext
 
-    DataContext.get_current().use_datasource_v2 = False
+    ctx = DataContext.get_current()
+    ctx.use_datasource_v2 = False
+    ctx.shuffle_input_batch_bytes = SHUFFLE_BATCH_BYTES
 
 
 def cluster_cpus() -> int:
