@@ -90,3 +90,16 @@ def test_cluster_launcher_config_and_commands():
     for line in text.splitlines():
         if "zhchat submit" in line:
             build_parser().parse_args(_zhchat_command(line.split("#", 1)[1].strip()))
+
+
+def test_gpu_configs_state_gpu_use_and_bound_retries():
+    """What a fresh autoscaling cluster needs stated: GPU use explicit ("auto" looks only at
+    nodes already up), a finite max_failures (-1 retries a broken run forever), and a model
+    replica whose batch can fill (Serve sends it max_ongoing_requests at most)."""
+    run = load_config(DEPLOY / "configs" / "cluster-gpu.yaml")
+    assert run.train.use_gpu == "yes" and run.eval.use_gpu == "yes" and run.serve.replica_gpus == 1
+    assert 0 <= run.train.max_failures < 100
+    for path in ("cluster-gpu.yaml", "serve-gpu.yaml"):
+        serve = load_config(DEPLOY / "configs" / path).serve
+        assert serve.replica_gpus != "auto", path
+        assert serve.max_ongoing_requests == serve.max_batch_size, path

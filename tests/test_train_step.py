@@ -51,24 +51,15 @@ def _collective_worker(rank: int, world: int, port: int, out: dict) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # A group whose only backend serves the training device's type (cpu here), the way NCCL
-    # serves only cuda. Tensors made without an explicit device land on the default device,
-    # which is set to "meta" below, so for this group such a tensor is what a CPU tensor is
-    # for NCCL. c10d has meta kernels (a meta all_reduce silently does nothing), so the
-    # group's refusal is spelled out by a guard with NCCL's message. The issue's "cuda:gloo"
-    # group is the same check mirrored, but on a machine without CUDA no tensor passes it.
+    # serves only cuda, and "cuda" as the default device: a tensor made without an explicit
+    # device is then off the training device, as a CPU tensor is for NCCL. Without CUDA its
+    # creation fails; with CUDA the group refuses it ("No backend type associated with
+    # device type cuda"). Either way no guard or mock is involved.
     dist.init_process_group("cpu:gloo", rank=rank, world_size=world)
-    real = dist.all_reduce
-
-    def serves_cpu_only(t, *a, **k):
-        if t.device.type != "cpu":
-            raise RuntimeError(f"No backend type associated with device type {t.device.type}")
-        return real(t, *a, **k)
-
-    dist.all_reduce = serves_cpu_only
     try:
         raw = _tiny_model()
         trainer = _step(DDP(raw), raw, world)
-        with torch.device("meta"):
+        with torch.device("cuda"):
             try:
                 dist.all_reduce(torch.zeros(2))  # the control: a default-device tensor must fail
                 out[f"control{rank}"] = "passed"
@@ -84,15 +75,30 @@ def _collective_worker(rank: int, world: int, port: int, out: dict) -> None:
         dist.destroy_process_group()
 
 
+def test_a_cuda_only_group_refuses_a_cpu_tensor_as_nccl_does():
+    """The premise of the next test, with the issue's group: "cuda:gloo" on CPU refuses a
+    CPU tensor with NCCL's message (the code before the fix sent its step counts this way)."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("cuda:gloo", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+            dist.all_reduce(torch.tensor([3.0, 4.0]))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_step_collectives_run_on_the_training_device():
     """Two DDP workers take training steps under a process group that serves only their
-    device type. With the step counts all-reduced from a tensor made on the default device
-    (the code before this test) every step fails, as NCCL fails on a CPU tensor."""
+    device type, with another device as the default. With the step counts all-reduced from
+    a tensor made on the default device (the code before this test) every step fails, as
+    NCCL fails on a CPU tensor."""
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_collective_worker, args=(2, free_port(), out), nprocs=2, join=True)
         out = dict(out)
-    assert "meta" in out["control0"], out  # the setup does catch a tensor off the training device
+    assert out["control0"] != "passed" and "cuda" in out["control0"].lower(), out  # the setup catches it
     assert isinstance(out[0], list) and isinstance(out[1], list), out
     assert out[0] == out[1]  # every rank sees the same all-reduced loss, counts and flag
     assert all(applied and flag == 1.0 for _, _, applied, flag in out[0])
