@@ -15,7 +15,7 @@ import json
 from typing import Any, Sequence
 
 from zhchat.config import PreprocessConfig
-from zhchat.storage import exists, filesystem, join, list_files, read_text, write_text
+from zhchat.storage import exists, filesystem, join, list_files, read_text, size, write_text
 
 MANIFEST = "manifest.json"
 VERSION = 1
@@ -50,8 +50,7 @@ def file_sha256(path: str) -> str:
 def hash_inputs(files: Sequence[str]) -> list[dict[str, Any]]:
     out = []
     for f in files:
-        fs, p = filesystem(f)
-        out.append({"path": f, "sha256": file_sha256(f), "bytes": int(fs.get_file_info(p).size)})
+        out.append({"path": f, "sha256": file_sha256(f), "bytes": size(f)})
     return out
 
 

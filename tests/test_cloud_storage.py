@@ -191,3 +191,33 @@ def test_run_with_workdir_in_object_storage(store, tmp_path):
     r = _run(cfg, store)
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stderr.count("outputs are complete") == 4
+
+
+def test_storage_helpers_copy_and_list_a_store(store, tmp_path, monkeypatch):
+    """zhchat.storage's local copy (file, folder, cached destination) and folder listing,
+    in this process, against the same store."""
+    from zhchat import storage
+    from zhchat.checkpoints import local_checkpoint
+
+    for k, v in store.env.items():
+        monkeypatch.setenv(k, v)
+    store.put("h/run/checkpoint_000002/config.json", b"{}")
+    store.put("h/run/checkpoint_000002/model.safetensors", b"weights")
+    store.put("h/run/checkpoint_000010/config.json", b"{}")
+    store.put("h/run/metrics.jsonl", b'{"step": 1}\n')
+    run = f"{store.scheme}://{BUCKET}/h/run"
+    assert storage.list_dirs(run) == ["checkpoint_000002", "checkpoint_000010"]
+    assert storage.list_dirs(f"{run}/missing") == []
+
+    got = storage.local_copy(f"{run}/metrics.jsonl", str(tmp_path / "m" / "metrics.jsonl"))
+    assert open(got, "rb").read() == b'{"step": 1}\n' and not os.path.exists(got + ".part")
+    folder = storage.local_copy(f"{run}/checkpoint_000002")
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
+
+    # A cloud checkpoint is downloaded once, then served from its cache (the newest one,
+    # found by listing the run, since no latest.json points anywhere).
+    ckpt = local_checkpoint(run, cache_dir=str(tmp_path / "cache"))
+    assert os.listdir(ckpt) == ["config.json"]
+    store.put("h/run/checkpoint_000010/extra.txt", b"later")
+    assert local_checkpoint(run, cache_dir=str(tmp_path / "cache")) == ckpt
+    assert os.listdir(ckpt) == ["config.json"]

@@ -75,18 +75,36 @@ def _collective_worker(rank: int, world: int, port: int, out: dict) -> None:
         dist.destroy_process_group()
 
 
+def _cuda_only_group_premise(rank: int, port: int, out: dict) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("cuda:gloo", rank=0, world_size=1)
+    try:
+        dist.all_reduce(torch.tensor([3.0, 4.0]))
+        out["error"] = None
+    except RuntimeError as e:
+        out["error"] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def _in_spawned_processes(fn, nprocs: int, *args) -> dict:
+    """Run fn(rank, *args, out) in fresh processes and return what they put in `out`. Spawned,
+    never forked, and no process group in this one: the test session is a Ray driver, whose
+    gRPC threads a fork would copy mid-call."""
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(fn, args=(*args, out), nprocs=nprocs, join=True, start_method="spawn")
+        return dict(out)
+
+
 def test_a_cuda_only_group_refuses_a_cpu_tensor_as_nccl_does():
     """The premise of the next test, with the issue's group: "cuda:gloo" on CPU refuses a
     CPU tensor with NCCL's message (the code before the fix sent its step counts this way)."""
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("cuda:gloo", rank=0, world_size=1)
-    try:
-        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
-            dist.all_reduce(torch.tensor([3.0, 4.0]))
-    finally:
-        dist.destroy_process_group()
+    out = _in_spawned_processes(_cuda_only_group_premise, 1, free_port())
+    assert out["error"] and "No backend type associated with device type cpu" in out["error"], out
 
 
 def test_step_collectives_run_on_the_training_device():
@@ -94,10 +112,7 @@ def test_step_collectives_run_on_the_training_device():
     device type, with another device as the default. With the step counts all-reduced from
     a tensor made on the default device (the code before this test) every step fails, as
     NCCL fails on a CPU tensor."""
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_collective_worker, args=(2, free_port(), out), nprocs=2, join=True)
-        out = dict(out)
+    out = _in_spawned_processes(_collective_worker, 2, 2, free_port())
     assert out["control0"] != "passed" and "cuda" in out["control0"].lower(), out  # the setup catches it
     assert isinstance(out[0], list) and isinstance(out[1], list), out
     assert out[0] == out[1]  # every rank sees the same all-reduced loss, counts and flag

@@ -18,25 +18,24 @@ import os
 import posixpath
 
 from .config import is_uri
-from .storage import exists, read_text
-from .storage import join as _join
+from .storage import exists, join, list_dirs, local_copy, read_text
 
 POINTER = "latest.json"
 
 
 def is_checkpoint(path: str) -> bool:
-    return exists(_join(path, "config.json"))
+    return exists(join(path, "config.json"))
 
 
 def read_pointer(folder: str) -> dict | None:
     """The latest.json of a run (or runs) folder, or None."""
-    text = read_text(_join(folder, POINTER))
+    text = read_text(join(folder, POINTER))
     if text is None:
         return None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{_join(folder, POINTER)} is not valid JSON: {e}") from e
+        raise ValueError(f"{join(folder, POINTER)} is not valid JSON: {e}") from e
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -51,13 +50,13 @@ def resolve_checkpoint(path: str) -> str:
     pointer = read_pointer(path)
     if pointer is not None:
         if "run" in pointer and "best_checkpoint" not in pointer:  # a runs folder: follow to the run
-            return resolve_checkpoint(_join(path, pointer["run"]))
+            return resolve_checkpoint(join(path, pointer["run"]))
         rel = pointer.get("best_checkpoint") or pointer.get("latest_checkpoint")
         if rel:
-            ckpt = rel if (is_uri(rel) or posixpath.isabs(rel)) else _join(path, rel)
+            ckpt = rel if (is_uri(rel) or posixpath.isabs(rel)) else join(path, rel)
             if is_checkpoint(ckpt):
                 return ckpt
-            raise FileNotFoundError(f"{_join(path, POINTER)} points to {ckpt}, which is not a checkpoint (no config.json)")
+            raise FileNotFoundError(f"{join(path, POINTER)} points to {ckpt}, which is not a checkpoint (no config.json)")
     if not exists(path):
         raise FileNotFoundError(f"model path does not exist: {path}")
     # A run that stopped before finishing has no pointer yet: take its best registered
@@ -76,7 +75,7 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 def _registered_checkpoint(run_dir: str) -> str | None:
     """Best (lowest val_loss, else latest) checkpoint in Ray Train's snapshot of the run."""
-    text = read_text(_join(run_dir, RAY_SNAPSHOT))
+    text = read_text(join(run_dir, RAY_SNAPSHOT))
     if not text:
         return None
     try:
@@ -88,44 +87,25 @@ def _registered_checkpoint(run_dir: str) -> str | None:
     pick = min(scored, key=lambda r: r["metrics"]["val_loss"]) if scored else snap.get("latest_checkpoint_result")
     if not pick or not pick.get("checkpoint_dir_name"):
         return None
-    ckpt = _join(run_dir, pick["checkpoint_dir_name"])
+    ckpt = join(run_dir, pick["checkpoint_dir_name"])
     return ckpt if is_checkpoint(ckpt) else None
 
 
 def _newest_checkpoint_dir(run_dir: str) -> str | None:
-    import pyarrow.fs as pafs
-
-    from .storage import filesystem
-
-    fs, p = filesystem(run_dir)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
-    except (FileNotFoundError, OSError):
-        return None
-    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    names = [n for n in list_dirs(run_dir) if n.startswith("checkpoint_")]
     for name in reversed(names):  # names carry the zero-padded step, so sorting is by step
-        if is_checkpoint(_join(run_dir, name)):
-            return _join(run_dir, name)
+        if is_checkpoint(join(run_dir, name)):
+            return join(run_dir, name)
     return None
 
 
 def local_checkpoint(path: str, cache_dir: str | None = None) -> str:
     """resolve_checkpoint, then download a cloud checkpoint to a local folder (transformers
-    loads only local folders or hub ids). Local paths are returned as they are."""
+    loads only local folders or hub ids), cached by its URI. Local paths are returned as they are."""
     ckpt = resolve_checkpoint(path)
     if not is_uri(ckpt):
         return ckpt
     import hashlib
-    import shutil
-
-    import pyarrow.fs as pafs
 
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "zhchat", "checkpoints")
-    dest = os.path.join(cache_dir, hashlib.sha1(ckpt.encode()).hexdigest()[:16])
-    if not os.path.exists(os.path.join(dest, "config.json")):
-        tmp = dest + ".part"
-        os.makedirs(tmp, exist_ok=True)
-        pafs.copy_files(ckpt, tmp)
-        shutil.rmtree(dest, ignore_errors=True)  # a partial earlier download
-        os.replace(tmp, dest)
-    return dest
+    return local_copy(ckpt, os.path.join(cache_dir, hashlib.sha1(ckpt.encode()).hexdigest()[:16]))

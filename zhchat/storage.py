@@ -116,16 +116,46 @@ def move_folder(src: str, dst: str) -> None:
             fs.move(info.path, to)
 
 
-def local_copy(path: str) -> str:
-    """A local copy of a (small) cloud folder, e.g. a tokenizer; a local path as it is."""
+def local_copy(path: str, dest: str | None = None) -> str:
+    """A local copy of a cloud file or (small) folder, e.g. a tokenizer or a checkpoint; a
+    local path as it is. With `dest`, the copy lands there through a temporary name (a
+    download cut short never looks complete) and an existing `dest` is reused as a cache."""
     if not is_uri(path):
         return path
     import tempfile
 
     fs, src = filesystem(path)
-    dst = tempfile.mkdtemp(prefix="zhchat-")
-    pafs.copy_files(src, dst, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return dst
+    is_file = fs.get_file_info(src).type == pafs.FileType.File
+    if dest is None:
+        folder = tempfile.mkdtemp(prefix="zhchat-")
+        dest = os.path.join(folder, posixpath.basename(src)) if is_file else folder
+    elif os.path.exists(dest):
+        return dest
+    tmp = dest + ".part"
+    remove(tmp)  # a partial earlier download
+    os.makedirs(os.path.dirname(tmp) if is_file else tmp, exist_ok=True)
+    pafs.copy_files(src, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    os.replace(tmp, dest)
+    return dest
+
+
+def list_dirs(folder: str) -> list[str]:
+    """The names of the folders directly in `folder`, sorted; [] if it is missing. In an
+    object store a folder is only a prefix of its files' keys, and a non-recursive listing
+    may leave such prefixes out (pyarrow's GCS client does), so there the names come from
+    the files' keys."""
+    if not is_uri(folder):
+        path = os.path.expanduser(folder)
+        return sorted(e.name for e in os.scandir(path) if e.is_dir()) if os.path.isdir(path) else []
+    fs, p = filesystem(folder)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
+    except (FileNotFoundError, OSError):
+        return []
+    base = p.rstrip("/") + "/"
+    names = {i.path[len(base):].split("/", 1)[0] for i in infos
+             if i.path.startswith(base) and ("/" in i.path[len(base):] or i.type == pafs.FileType.Directory)}
+    return sorted(names)
 
 
 def remove(path: str) -> None:

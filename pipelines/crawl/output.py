@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from zhchat.config import is_uri
+from zhchat.storage import filesystem
 from zhchat.tables import DIALOGUE_SCHEMA, dialogue_row
 
 from .process import RESULT_SCHEMA
@@ -78,10 +78,7 @@ def split_results(res: pa.Table, text_rows: bool, min_text_chars: int) -> tuple[
 
 class CrawlStore:
     def __init__(self, out: str):
-        if is_uri(out):
-            self.fs, self.root = pafs.FileSystem.from_uri(out)
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(out))
+        self.fs, self.root = filesystem(out)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         for d in (*TABLES, "state"):
             self.fs.create_dir(f"{self.root}/{d}", recursive=True)

@@ -12,7 +12,7 @@ import tempfile
 import time
 
 from zhchat.config import is_uri
-from zhchat.storage import join
+from zhchat.storage import exists, join, local_copy
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tensorboard"
@@ -64,11 +64,10 @@ class MetricsLogger:
         self.echo = echo
 
     def _download_existing(self) -> None:
-        import pyarrow.fs as pafs
-
-        fs, p = pafs.FileSystem.from_uri(self.run_dir)
-        if fs.get_file_info(p + "/" + METRICS_FILE).type == pafs.FileType.File:
-            pafs.copy_files(join(self.run_dir, METRICS_FILE), os.path.join(self.local_dir, METRICS_FILE))
+        """A resumed run appends to the metrics it already has."""
+        remote = join(self.run_dir, METRICS_FILE)
+        if exists(remote):
+            local_copy(remote, os.path.join(self.local_dir, METRICS_FILE))
 
     def log(self, step: int, values: dict, kind: str = "train") -> None:
         row = {"step": step, "kind": kind, "time": round(time.time(), 3), **values}
