@@ -140,21 +140,19 @@ def local_copy(path: str, dest: str | None = None) -> str:
 
 
 def list_dirs(folder: str) -> list[str]:
-    """The names of the folders directly in `folder`, sorted; [] if it is missing. In an
-    object store a folder is only a prefix of its files' keys, and a non-recursive listing
-    may leave such prefixes out (pyarrow's GCS client does), so there the names come from
-    the files' keys."""
-    if not is_uri(folder):
-        path = os.path.expanduser(folder)
-        return sorted(e.name for e in os.scandir(path) if e.is_dir()) if os.path.isdir(path) else []
+    """The names of the folders directly in `folder`, sorted; [] if it is missing."""
     fs, p = filesystem(folder)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
-    except (FileNotFoundError, OSError):
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
         return []
     base = p.rstrip("/") + "/"
-    names = {i.path[len(base):].split("/", 1)[0] for i in infos
-             if i.path.startswith(base) and ("/" in i.path[len(base):] or i.type == pafs.FileType.Directory)}
+    # In an object store a folder is only a prefix of its files' keys, and a non-recursive
+    # listing may leave such prefixes out (pyarrow's GCS client does): there the names come
+    # from the keys below.
+    names = set()
+    for i in fs.get_file_info(pafs.FileSelector(p, recursive=is_uri(folder))):
+        first, _, rest = i.path[len(base):].partition("/")
+        if rest or i.type == pafs.FileType.Directory:
+            names.add(first)
     return sorted(names)
 
 
