@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import inspect
 import json
 import os
 import subprocess
@@ -87,8 +88,21 @@ def _gcs(tmp_path):
 
     # The emulator's own server answers one request at a time, and pyarrow's parallel
     # downloads then deadlock it (it blocks writing one body while the client waits on
-    # another connection), so its handler runs behind a threading server here.
-    objects = Storage(use_memory_fs=True)
+    # another connection), so its handler runs behind a threading server here. Its
+    # Storage is not thread-safe (a delete serialised the metadata while another request
+    # changed it, answered 500, and the client's retry then got 404), so every Storage
+    # call holds one lock; bodies are still sent outside it, so the deadlock stays away.
+    lock = threading.RLock()
+
+    def locked(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            with lock:
+                return fn(*args, **kwargs)
+        return call
+
+    calls = {n: locked(f) for n, f in vars(Storage).items() if inspect.isfunction(f) and not n.startswith("__")}
+    objects = type("LockedStorage", (Storage,), calls)(use_memory_fs=True)
     buckets.create_bucket(BUCKET, objects)
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RequestHandler, objects))
     server.daemon_threads = True
