@@ -75,13 +75,17 @@ def size(path: str) -> int:
 def list_files(folder: str, recursive: bool = False) -> list[str]:
     """The files in a folder (directly in it, or at any depth), as paths or URIs like
     `folder`, sorted; [] if it is missing."""
+    rel = (r for r, kind in _entries(folder, recursive) if kind == pafs.FileType.File)
+    return sorted(join(folder, *r.split("/")) for r in rel)
+
+
+def _entries(folder: str, recursive: bool) -> list[tuple[str, pafs.FileType]]:
+    """(path below `folder`, type) of what the folder holds; [] if it is missing."""
     fs, p = filesystem(folder)
     if fs.get_file_info(p).type != pafs.FileType.Directory:
         return []
-    base = p.rstrip("/")
-    infos = fs.get_file_info(pafs.FileSelector(p, recursive=recursive))
-    rel = (i.path[len(base):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
-    return sorted(join(folder, *r.split("/")) for r in rel)
+    base = p.rstrip("/") + "/"
+    return [(i.path[len(base):], i.type) for i in fs.get_file_info(pafs.FileSelector(p, recursive=recursive))]
 
 
 def open_read(path: str) -> BinaryIO:
@@ -141,19 +145,11 @@ def local_copy(path: str, dest: str | None = None) -> str:
 
 def list_dirs(folder: str) -> list[str]:
     """The names of the folders directly in `folder`, sorted; [] if it is missing."""
-    fs, p = filesystem(folder)
-    if fs.get_file_info(p).type != pafs.FileType.Directory:
-        return []
-    base = p.rstrip("/") + "/"
     # In an object store a folder is only a prefix of its files' keys, and a non-recursive
     # listing may leave such prefixes out (pyarrow's GCS client does): there the names come
     # from the keys below.
-    names = set()
-    for i in fs.get_file_info(pafs.FileSelector(p, recursive=is_uri(folder))):
-        first, _, rest = i.path[len(base):].partition("/")
-        if rest or i.type == pafs.FileType.Directory:
-            names.add(first)
-    return sorted(names)
+    return sorted({r.split("/", 1)[0] for r, kind in _entries(folder, recursive=is_uri(folder))
+                   if "/" in r or kind == pafs.FileType.Directory})
 
 
 def remove(path: str) -> None:
